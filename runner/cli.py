@@ -1,0 +1,302 @@
+"""Command line: parse arguments into one ``RunConfig``, run the pipeline, report, exit code.
+
+Exit codes: 0 every file succeeded (or was already done); 1 some files failed; 2 usage error;
+3 the engine cannot run here (missing vLLM/GPU/model) or died beyond its restart budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from runner.config import ENGINES, MODES, ConfigError, EngineConfig, RunConfig
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ENGINE = 0, 1, 2, 3
+log = logging.getLogger("runner")
+
+
+def build_parser(default_engine: str = "vllm") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run_pdf_ocr_vllm.py",
+        description="Convert PDFs to Markdown with DeepSeek-OCR / DeepSeek-OCR-2 (vLLM), Transformers, "
+        "or the PDF's own text layer.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    io = p.add_argument_group("input and output")
+    io.add_argument("--input-dir", help="folder (searched recursively) or s3://bucket/prefix with PDFs")
+    io.add_argument("--input-list", help="file with one PDF path per line")
+    io.add_argument("--output-dir", required=True, help="output folder or s3://bucket/prefix")
+    io.add_argument("--mode", choices=MODES, default="clean",
+                    help="clean: Markdown only; grounded: keep labels and boxes, write <stem>.regions.jsonl")
+    io.add_argument("--engine", choices=ENGINES, default=default_engine,
+                    help="vllm: GPU; hf: Transformers (GPU or CPU); text: the PDF's own text layer, no model")
+    io.add_argument("--dpi", type=float, default=144.0)
+    io.add_argument("--max-pages", type=int, help="only the first N pages of each PDF")
+    io.add_argument("--batch-pages", type=int, default=None,
+                    help="pages in flight (rendering + engine); default 512 for vllm, 16 otherwise")
+    io.add_argument("--force", action="store_true", help="redo PDFs that already have a done marker")
+    io.add_argument("--log-file", help="default: tmp_pdf_runs/logs/run-<time>.log")
+    io.add_argument("--password", help="password for encrypted PDFs (never logged); or env PDF_PASSWORD")
+    io.add_argument("--table-format", choices=("html", "markdown"), default="html")
+    io.add_argument("--assets", choices=("none", "figures", "pages"), default="none",
+                    help="save figure crops (and page images) into <stem>_assets/")
+    io.add_argument("--report", action="store_true", help="write <stem>.review.html and _run.html")
+    io.add_argument("--progress", choices=("auto", "bar", "log", "none"), default="auto")
+    io.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS default)")
+
+    rd = p.add_argument_group("rendering and isolation")
+    rd.add_argument("--render-workers", type=int, default=None, help="default: min(8, CPUs)")
+    rd.add_argument("--render-timeout", type=float, default=60.0, help="seconds per page")
+    rd.add_argument("--render-memory-mb", type=int, default=4096, help="memory limit per render worker (0 = none)")
+    rd.add_argument("--max-page-pixels", type=int, default=40_000_000, help="pages above this are too_large")
+    rd.add_argument("--blank-threshold", type=float, default=2e-5, help="ink fraction under which a page is blank")
+
+    rt = p.add_argument_group("retries and fallbacks")
+    rt.add_argument("--retries", type=int, default=2, help="retries of a looping page (temperature schedule)")
+    rt.add_argument("--retry-temperatures", default="0.2,0.5", help="temperature per retry, comma separated")
+    rt.add_argument("--no-large-pass", action="store_true", help="no second phase in Large mode")
+    rt.add_argument("--retry-large-cap", type=int, default=1000, help="max pages sent to the Large pass")
+    rt.add_argument("--required-labels", default="table",
+                    help="labels a page must yield when the PDF shows them (comma separated; '' = none)")
+    rt.add_argument("--roi-pass", action="store_true", help="grounded runs: re-read selected regions sharper")
+    rt.add_argument("--roi-labels", default="table,title,text")
+    rt.add_argument("--max-page-error-rate", type=float, default=0.01,
+                    help="a PDF with a larger share of failed pages counts as failed")
+    rt.add_argument("--engine-restarts", type=int, default=2, help="restarts of a dead engine per run")
+
+    sc = p.add_argument_group("scale-out")
+    sc.add_argument("--num-shards", type=int, default=1)
+    sc.add_argument("--shard-index", type=int, default=0)
+    sc.add_argument("--gpus", help="one worker per GPU: '0,1,...' or 'all'")
+
+    en = p.add_argument_group("model engine (vllm, hf)")
+    d = EngineConfig()
+    en.add_argument("--model", default=d.model, help="hub id or local folder")
+    en.add_argument("--resolution", help="tiny|small|base|large|gundam (OCR-2: base|gundam); default gundam")
+    en.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype)
+    en.add_argument("--enable-fp8-weights", action="store_true", help="fp8 weight quantization (vLLM)")
+    en.add_argument("--quantization", help="explicit vLLM quantization method")
+    en.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
+    en.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    en.add_argument("--max-model-len", type=int, default=d.max_model_len)
+    en.add_argument("--max-tokens", type=int, default=d.max_tokens)
+    en.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size)
+    en.add_argument("--mm-encoder-tp-mode", choices=("weights", "data"))
+    en.add_argument("--seed", type=int, default=d.seed)
+    en.add_argument("--ngram-size", type=int, default=d.ngram_size)
+    en.add_argument("--ngram-window", type=int, default=d.ngram_window)
+    en.add_argument("--no-guard", action="store_true", help="disable the repetition guard")
+    en.add_argument("--load-format", default=d.load_format, help="'dummy' = random weights (benchmarks)")
+    en.add_argument("--ignore-eos", action="store_true", help="force max-tokens output (benchmarks)")
+    en.add_argument("--cache-dir", help="Hugging Face cache folder")
+    en.add_argument("--profile", choices=("auto", "default", "low-vram"), default=d.profile)
+    en.add_argument("--cpu-offload-gb", type=float, default=d.cpu_offload_gb)
+    en.add_argument("--hf-batch-size", type=int, default=d.hf_batch_size)
+    en.add_argument("--device", help="Transformers engine device (cuda, cpu)")
+    return p
+
+
+def _split(s: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in s.split(",") if x.strip())
+
+
+def _discover(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """(input root, relative paths of the PDFs)."""
+    from runner.naming import common_root, read_input_list
+    from runner.storage import open_storage
+
+    if args.input_dir and args.input_list:
+        raise ConfigError("give --input-dir or --input-list, not both")
+    if args.input_dir:
+        if not args.input_dir.startswith("s3://") and not Path(args.input_dir).is_dir():
+            raise ConfigError(f"--input-dir {args.input_dir}: not a folder")
+        store = open_storage(args.input_dir)
+        return args.input_dir, store.list_files()
+    if args.input_list:
+        if not Path(args.input_list).is_file():
+            raise ConfigError(f"--input-list {args.input_list}: no such file")
+        paths = read_input_list(args.input_list)
+        root = common_root(paths)
+        return root, [os.path.relpath(os.path.abspath(p), root).replace(os.sep, "/") for p in paths]
+    raise ConfigError("give --input-dir or --input-list")
+
+
+def config_from_args(args: argparse.Namespace, inputs: tuple[str, ...], root: str) -> RunConfig:
+    temps = tuple(float(t) for t in _split(args.retry_temperatures))[: max(0, args.retries)]
+    if args.retries > len(temps) and temps:
+        temps = temps + (temps[-1],) * (args.retries - len(temps))
+    ec = EngineConfig(
+        model=args.model, resolution=args.resolution, kv_cache_dtype=args.kv_cache_dtype,
+        enable_fp8_weights=args.enable_fp8_weights, quantization=args.quantization,
+        gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len, max_tokens=args.max_tokens,
+        tensor_parallel_size=args.tensor_parallel_size, mm_encoder_tp_mode=args.mm_encoder_tp_mode,
+        seed=args.seed, ngram_size=args.ngram_size, ngram_window=args.ngram_window, guard=not args.no_guard,
+        load_format=args.load_format, ignore_eos=args.ignore_eos, cache_dir=args.cache_dir,
+        profile=args.profile, cpu_offload_gb=args.cpu_offload_gb, hf_batch_size=args.hf_batch_size,
+        device=args.device,
+    )
+    batch = args.batch_pages or (512 if args.engine == "vllm" else 16)
+    workers = args.render_workers or max(1, min(8, os.cpu_count() or 1))
+    return RunConfig(
+        inputs=inputs, input_root=root, output_dir=args.output_dir, mode=args.mode, engine=args.engine,
+        dpi=args.dpi, max_pages=args.max_pages, batch_pages=batch, force=args.force, log_file=args.log_file,
+        password=args.password or os.environ.get("PDF_PASSWORD") or None, render_workers=workers,
+        render_timeout_s=args.render_timeout, render_memory_mb=args.render_memory_mb,
+        max_page_pixels=args.max_page_pixels, blank_ink_threshold=args.blank_threshold,
+        table_format=args.table_format, assets=args.assets, retry_temperatures=temps,
+        retry_large=not args.no_large_pass, retry_large_cap=args.retry_large_cap,
+        required_labels=_split(args.required_labels), roi_pass=args.roi_pass, roi_labels=_split(args.roi_labels),
+        max_page_error_rate=args.max_page_error_rate, engine_restarts=args.engine_restarts,
+        num_shards=args.num_shards, shard_index=args.shard_index, report=args.report, progress=args.progress,
+        engine_config=ec,
+    )
+
+
+def setup_logging(log_file: str | None, quiet_console: bool = False) -> str:
+    if not log_file:
+        folder = Path("tmp_pdf_runs") / "logs"
+        log_file = str(folder / time.strftime("run-%Y%m%d-%H%M%S.log"))
+        with_pid = f"{log_file[:-4]}-{os.getpid()}.log"
+        log_file = with_pid
+    Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_runner", False):
+            root.removeHandler(h)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fh = logging.FileHandler(log_file, encoding="utf-8")
+    fh.setFormatter(fmt)
+    fh._runner = True  # type: ignore[attr-defined]
+    sh = logging.StreamHandler(sys.stderr)
+    sh.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    sh.setLevel(logging.WARNING if quiet_console else logging.INFO)
+    sh._runner = True  # type: ignore[attr-defined]
+    root.addHandler(fh)
+    root.addHandler(sh)
+    root.setLevel(logging.INFO)
+    return log_file
+
+
+def _redacted_argv(argv: list[str]) -> list[str]:
+    out, hide = [], False
+    for a in argv:
+        if hide:
+            out.append("***")
+            hide = False
+        elif a == "--password":
+            out.append(a)
+            hide = True
+        elif a.startswith("--password="):
+            out.append("--password=***")
+        else:
+            out.append(a)
+    return out
+
+
+def main(argv: list[str] | None = None, *, default_engine: str = "vllm") -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(default_engine)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse exits on --help (0) and on usage errors (2)
+        return int(e.code or 0)
+    if args.s3_endpoint_url:
+        os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint_url
+    if args.gpus:
+        from runner.launcher import run_multi_gpu
+
+        rest = _strip_option(argv, "--gpus")
+        return run_multi_gpu(rest, args.gpus)
+
+    log_file = setup_logging(args.log_file, quiet_console=args.progress == "bar")
+    log.info("command: %s", " ".join(_redacted_argv(argv)))
+    try:
+        root, rels = _discover(args)
+        cfg = config_from_args(args, tuple(rels), root)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return run(cfg, log_file)
+
+
+def _strip_option(argv: list[str], name: str) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == name:
+            skip = True
+            continue
+        if a.startswith(name + "="):
+            continue
+        out.append(a)
+    return out
+
+
+def run(cfg: RunConfig, log_file: str) -> int:
+    from runner.engines import EngineUnavailable, create_engine
+    from runner.naming import docs_from_rels
+    from runner.pipeline import Pipeline
+    from runner.progress import Progress
+    from runner.storage import open_storage
+    from runner.summary import build_summary, dumps, print_summary, summary_name
+
+    t0 = time.perf_counter()
+    inputs = open_storage(cfg.input_root)
+    outputs = open_storage(cfg.output_dir)
+    docs = docs_from_rels(list(cfg.inputs))
+    extra: dict[str, object] = {}
+    if cfg.num_shards > 1:
+        from runner.shard import page_counts, select_shard, shard_balance
+
+        counts = page_counts(inputs, [d.rel for d in docs], output_storage=outputs)
+        chosen = set(select_shard([d.rel for d in docs], counts, cfg.num_shards, cfg.shard_index))
+        extra["shard_balance"] = shard_balance([d.rel for d in docs], counts, cfg.num_shards)
+        docs = [d for d in docs if d.rel in chosen]
+        log.info("shard %d of %d: %d PDF(s)", cfg.shard_index, cfg.num_shards, len(docs))
+    if not docs:
+        log.warning("no PDF found under %s", cfg.input_root)
+    # Fail fast: an engine that cannot run here says so before any PDF is touched.
+    try:
+        create_engine(cfg).close()
+    except EngineUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        log.error("%s", e)
+        return EXIT_ENGINE
+    progress = Progress(len(docs), cfg.progress if cfg.progress != "none" else "log",
+                        log_every_s=10.0 if cfg.progress != "none" else 1e9)
+    pipe = Pipeline(cfg, create_engine, inputs, outputs, progress)
+    try:
+        results = pipe.run(docs)
+    except EngineUnavailable as e:
+        progress.close()
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ENGINE
+    finally:
+        progress.close()
+    wall = time.perf_counter() - pipe.stats.t0 if pipe.stats.engine_pages or pipe.stats.pages_done else (
+        time.perf_counter() - t0)
+    extra["log_file"] = log_file
+    summary = build_summary(cfg, results, pipe.stats, wall, extra)
+    name = summary_name(cfg)
+    outputs.write_bytes(name, dumps(summary))
+    if cfg.report:
+        from runner.report import render_run_dashboard
+
+        outputs.write_bytes(name.replace("_run_summary", "_run").replace(".json", ".html"),
+                            render_run_dashboard(summary).encode("utf-8"))
+    if cfg.progress != "none":
+        print_summary(summary, outputs.uri(name))
+    failed = summary["files"].get("failed", 0)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def main_entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,655 @@
+"""Schedule stage: documents → rendered pages → engine → cleaned pages → written documents.
+
+One loop drives everything with a bounded window of pages in flight (rendering + engine), so host
+memory does not grow with document length:
+
+1. activate documents in order (open them in a render worker to learn the page count);
+2. keep the render pool fed with page tasks until ``batch_pages`` pages are in flight;
+3. blank pages and render failures get their final record at once; other pages go to the engine;
+4. poll the engine; a degenerate or failed output is retried at the next temperature, joining the
+   running stream of work; accepted output is cleaned (``postprocess``) into the page record;
+5. a document whose pages all have records is written (Markdown, page records, regions, done
+   marker last, every file atomically) and its memory released.
+
+Pages that still fail after the retries, and pages that miss a required label the page visibly
+has, wait for a second phase that reuses one Large-mode engine for the whole run. Anything still
+failing falls back to the PDF's text layer or a ``[[OCR failed: …]]`` stub: no page is dropped.
+If the engine dies, it is restarted a bounded number of times and the in-flight pages are resent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from runner.config import RunConfig
+from runner.engines.base import Engine, EngineDied
+from runner.naming import InputDoc
+from runner.progress import Progress
+from runner.records import Attempt, DocResult, EngineOutput, PageImage, PageRequest, PageResult, PageStatus
+from runner.render import OpenTask, RenderPool, RenderTask, TaskResult
+from runner.storage import Storage
+
+log = logging.getLogger("runner")
+
+OUTPUT_SUFFIXES = (".md", ".pages.jsonl", ".regions.jsonl", ".done", ".review.html")
+BLANK_STUB = "[[Blank page]]"
+
+
+class FatalEngineError(RuntimeError):
+    """The engine died more often than ``--engine-restarts`` allows."""
+
+
+@dataclass
+class _PageWork:
+    doc_key: str
+    index: int
+    phase: str = "main"  # "main" | "large"
+    image: PageImage | None = None
+    attempts: list[Attempt] = field(default_factory=list)
+    seconds: float = 0.0
+    render_seconds: float = 0.0
+    reasons: list[str] = field(default_factory=list)
+    provisional: PageResult | None = None  # accepted main-phase result awaiting the Large phase
+    large_reason: str = ""
+
+
+@dataclass
+class _DocState:
+    doc: InputDoc
+    stack: contextlib.ExitStack
+    local_path: str = ""
+    page_count: int | None = None
+    todo: int = 0
+    next_page: int = 0
+    results: dict[int, PageResult] = field(default_factory=dict)
+    waiting_large: dict[int, _PageWork] = field(default_factory=dict)
+    regions: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return self.page_count is not None and len(self.results) == self.todo
+
+
+@dataclass
+class RunStats:
+    started_wall: float = field(default_factory=time.time)
+    t0: float = field(default_factory=time.perf_counter)
+    pages_done: int = 0
+    engine_pages: int = 0
+    loop_pages: int = 0
+    retries_attempted: int = 0
+    retries_improved: int = 0
+    large_pass: int = 0
+    large_improved: int = 0
+    engine_restarts: int = 0
+    resubmitted: int = 0
+    render_worker_restarts: int = 0
+    timeline: list[tuple[float, int]] = field(default_factory=list)
+    render_seconds: float = 0.0
+    engine_startup_s: float = 0.0
+
+
+class Pipeline:
+    def __init__(
+        self,
+        config: RunConfig,
+        engine_factory: Callable[[RunConfig], Engine],
+        inputs: Storage,
+        outputs: Storage,
+        progress: Progress,
+    ) -> None:
+        self.cfg = config
+        self.engine_factory = engine_factory
+        self.inputs = inputs
+        self.outputs = outputs
+        self.progress = progress
+        self.stats = RunStats()
+        self.doc_results: list[DocResult] = []
+        self._task_ids = 0
+        self._req_ids = 0
+
+    # ---------------------------------------------------------------- public
+    def run(self, docs: list[InputDoc]) -> list[DocResult]:
+        todo: list[InputDoc] = []
+        for d in docs:
+            if not self.cfg.force and self.outputs.exists(d.output_stem + ".done"):
+                log.info("skip (done marker exists): %s", self.inputs.uri(d.rel))
+                self.doc_results.append(DocResult(d.doc_key, self.inputs.uri(d.rel), d.output_stem, "skipped"))
+                self.progress.doc_skipped()
+            else:
+                todo.append(d)
+        if not todo:
+            return self.doc_results
+        engine = self.engine_factory(self.cfg)
+        t_start = time.perf_counter()
+        engine.start()
+        self.stats.engine_startup_s = time.perf_counter() - t_start
+        if self.stats.engine_startup_s > 1:
+            log.info("engine %s started in %.1f s", engine.name, self.stats.engine_startup_s)
+        self.stats.t0 = time.perf_counter()
+        pool = RenderPool(
+            workers=self.cfg.render_workers,
+            render_timeout_s=self.cfg.render_timeout_s,
+            open_timeout_s=self.cfg.open_timeout_s,
+            mem_limit_mb=self.cfg.render_memory_mb,
+        )
+        self._states: dict[str, _DocState] = {}
+        try:
+            self._pending_docs: deque[InputDoc] = deque(todo)
+            engine = self._drive(engine, pool, phase="main")
+            waiting = [w for st in self._states.values() for w in st.waiting_large.values()]
+            if waiting:
+                engine = self._large_phase(engine, pool, waiting)
+        except FatalEngineError as e:
+            log.error("%s", e)
+            for st in list(self._states.values()):
+                self._fail_doc(st, f"engine failed: {e}")
+            for d in self._pending_docs:
+                self._record_failed(d, f"not processed: engine failed: {e}")
+        finally:
+            self.stats.render_worker_restarts = pool.restarts
+            pool.close()
+            with contextlib.suppress(Exception):
+                engine.close()
+        return self.doc_results
+
+    # ---------------------------------------------------------------- main loop
+    def _next_id(self) -> int:
+        self._task_ids += 1
+        return self._task_ids
+
+    def _drive(self, engine: Engine, pool: RenderPool, phase: str, jobs: deque[_PageWork] | None = None) -> Engine:
+        """Run the render → engine loop until every scheduled page has a record (or waits for Large)."""
+        cfg = self.cfg
+        render_jobs: deque[_PageWork] = jobs if jobs is not None else deque()
+        rendering: dict[int, _PageWork] = {}
+        opening: dict[int, _DocState] = {}
+        in_engine: dict[str, tuple[_PageWork, PageRequest]] = {}
+        hook = getattr(engine, "worker_hook", None)
+        want_table = bool(cfg.required_labels) and getattr(engine, "large_resolution", None) is not None
+        last_tick = 0.0
+
+        def in_flight() -> int:
+            return len(rendering) + len(in_engine)
+
+        while True:
+            # 1. activate documents (main phase): keep a few open ahead of the renderer
+            if phase == "main":
+                while self._pending_docs and len(opening) + self._n_active_unscheduled() < 2:
+                    d = self._pending_docs.popleft()
+                    st = self._activate(d)
+                    if st is not None:
+                        t = OpenTask(self._next_id(), d.doc_key, st.local_path, cfg.password)
+                        opening[t.task_id] = st
+                        pool.submit(t)
+                # schedule pages of opened documents, in document order
+                for st in self._states.values():
+                    while st.page_count is not None and st.next_page < st.todo and len(render_jobs) < cfg.batch_pages:
+                        render_jobs.append(_PageWork(st.doc.doc_key, st.next_page, phase))
+                        st.next_page += 1
+            # 2. feed the render pool within the window
+            while render_jobs and in_flight() < cfg.batch_pages:
+                w = render_jobs.popleft()
+                st = self._states[w.doc_key]
+                t = RenderTask(
+                    task_id=self._next_id(),
+                    doc_key=w.doc_key,
+                    path=st.local_path,
+                    page_index=w.index,
+                    dpi=cfg.dpi,
+                    password=cfg.password,
+                    want_pixels=engine.needs_pixels or cfg.assets != "none" or cfg.report,
+                    want_markdown=engine.needs_text_markdown,
+                    want_table_check=want_table and phase == "main",
+                    max_pixels=cfg.max_page_pixels,
+                    blank_ink_threshold=cfg.blank_ink_threshold,
+                    hook=hook if engine.needs_pixels else None,
+                )
+                rendering[t.task_id] = w
+                pool.submit(t)
+            # 3. collect rendered pages and opened documents
+            busy_engine = engine.pending() > 0
+            for res in pool.collect(timeout=0.0 if busy_engine else 0.05):
+                if isinstance(res.task, OpenTask):
+                    self._on_opened(opening.pop(res.task.task_id), res)
+                    continue
+                w = rendering.pop(res.task.task_id)
+                req = self._on_rendered(w, res)
+                if req is not None:
+                    in_engine[req.request_id] = (w, req)
+                    engine.submit([req])
+            # 4. poll the engine
+            if engine.pending() > 0:
+                try:
+                    outputs = engine.poll(timeout=0.0 if rendering or render_jobs else 0.02)
+                except EngineDied as e:
+                    engine = self._restart_engine(engine, e, in_engine)
+                    outputs = []
+                for out in outputs:
+                    item = in_engine.pop(out.request_id, None)
+                    if item is None:  # an answer for a request resent after a restart: ignore
+                        continue
+                    w, req = item
+                    retry = self._on_output(w, req, out, engine)
+                    if retry is not None:
+                        in_engine[retry.request_id] = (w, retry)
+                        engine.submit([retry])
+            # 5. write finished documents
+            for st in [s for s in self._states.values() if s.complete and not s.waiting_large]:
+                self._finish_doc(st)
+            now = time.perf_counter()
+            if now - last_tick >= 1.0:
+                last_tick = now
+                self.stats.timeline.append((round(now - self.stats.t0, 2), self.stats.pages_done))
+                self.progress.tick(self.stats.pages_done)
+            if not (render_jobs or rendering or in_engine or opening or self._pending_docs):
+                if phase == "main" and any(
+                    s.page_count is not None and s.next_page < s.todo for s in self._states.values()
+                ):
+                    continue
+                break
+        self.stats.timeline.append((round(time.perf_counter() - self.stats.t0, 2), self.stats.pages_done))
+        return engine
+
+    def _n_active_unscheduled(self) -> int:
+        return sum(1 for s in self._states.values() if s.page_count is None or s.next_page < s.todo)
+
+    # ---------------------------------------------------------------- documents
+    def _activate(self, d: InputDoc) -> _DocState | None:
+        stack = contextlib.ExitStack()
+        try:
+            local = stack.enter_context(self.inputs.local_path(d.rel))
+        except Exception as e:  # noqa: BLE001 - storage errors are per-file errors
+            stack.close()
+            self._record_failed(d, f"cannot read input: {type(e).__name__}: {e}")
+            return None
+        self.outputs.cleanup_partial(d.output_stem, OUTPUT_SUFFIXES)
+        st = _DocState(doc=d, stack=stack, local_path=local)
+        self._states[d.doc_key] = st
+        self.progress.doc_started(self.inputs.uri(d.rel))
+        return st
+
+    def _on_opened(self, st: _DocState, res: TaskResult) -> None:
+        src = self.inputs.uri(st.doc.rel)
+        if res.kind != "ok":
+            kind = {"password": "encrypted", "timeout": "open timeout", "crash": "open crashed"}.get(res.kind, "")
+            msg = f"{kind}: {res.message}" if kind and kind not in res.message else res.message
+            self._fail_doc(st, f"cannot open PDF: {msg}")
+            return
+        n = int(res.payload["page_count"])
+        if res.payload.get("repaired"):
+            st.notes.append("damaged file repaired by PyMuPDF")
+            log.warning("%s: damaged file, repaired", src)
+        if n == 0:
+            self._fail_doc(st, "PDF has zero pages")
+            return
+        st.page_count = n
+        st.todo = min(n, self.cfg.max_pages) if self.cfg.max_pages else n
+        self.progress.add_pages(st.todo)
+
+    def _fail_doc(self, st: _DocState, error: str) -> None:
+        self._states.pop(st.doc.doc_key, None)
+        st.stack.close()
+        self._record_failed(st.doc, error, seconds=time.perf_counter() - st.started, num_pages=st.page_count or 0)
+
+    def _record_failed(self, d: InputDoc, error: str, seconds: float = 0.0, num_pages: int = 0) -> None:
+        src = self.inputs.uri(d.rel)
+        log.error("FAILED %s: %s", src, error)
+        self.doc_results.append(
+            DocResult(d.doc_key, src, d.output_stem, "failed", error=error, seconds=seconds, num_pages=num_pages)
+        )
+        self.progress.doc_done(ok=False)
+
+    # ---------------------------------------------------------------- pages
+    def _page_done(self, w: _PageWork, result: PageResult) -> None:
+        st = self._states[w.doc_key]
+        st.results[w.index] = result
+        self.stats.pages_done += 1
+        self.progress.page_done(result.status.value)
+
+    def _on_rendered(self, w: _PageWork, res: TaskResult) -> PageRequest | None:
+        cfg = self.cfg
+        if res.kind != "ok":
+            status = {
+                "too_large": PageStatus.TOO_LARGE,
+                "timeout": PageStatus.RENDER_TIMEOUT,
+            }.get(res.kind, PageStatus.RENDER_ERROR)
+            src = self.inputs.uri(self._states[w.doc_key].doc.rel)
+            log.error("%s page %d: %s: %s", src, w.index + 1, status.value, res.message)
+            if w.phase == "large" and w.provisional is not None:
+                self._page_done(w, w.provisional)
+                return None
+            self._page_done(
+                w,
+                PageResult(
+                    page=w.index + 1, status=status, engine="render", markdown=f"[[Page not rendered: {status.value}]]",
+                    raw_text="", seconds=0.0, render_seconds=res.seconds, error=res.message,
+                ),
+            )
+            return None
+        img: PageImage = res.payload
+        self.stats.render_seconds += img.render_seconds
+        log.debug("rendered %s p%d in %.3f s", w.doc_key, w.index + 1, img.render_seconds)
+        if img.blank:
+            self._page_done(
+                w,
+                PageResult(
+                    page=w.index + 1, status=PageStatus.BLANK, engine="blank-detector", markdown=BLANK_STUB,
+                    raw_text="", seconds=0.0, render_seconds=img.render_seconds, notes=(img.blank_reason,),
+                ),
+            )
+            return None
+        w.image = img
+        w.render_seconds = img.render_seconds
+        attempt = len(w.attempts)
+        temps = (0.0, *cfg.retry_temperatures)
+        temp = temps[min(attempt, len(temps) - 1)] if w.phase == "main" else 0.0
+        return self._request(w, attempt, temp)
+
+    def _request(self, w: _PageWork, attempt: int, temperature: float) -> PageRequest:
+        self._req_ids += 1
+        assert w.image is not None
+        return PageRequest(
+            request_id=f"{w.phase}-{self._req_ids}",
+            image=w.image,
+            prompt_mode=self.cfg.mode,
+            attempt=attempt,
+            temperature=temperature,
+        )
+
+    def _on_output(self, w: _PageWork, req: PageRequest, out: EngineOutput, engine: Engine) -> PageRequest | None:
+        """Judge one engine output. Returns a retry request, or None when the page is settled."""
+        from postprocess import detect_degenerate
+
+        cfg = self.cfg
+        w.seconds += out.seconds
+        reason: str | None
+        if out.error:
+            reason = f"error: {out.error}"
+        elif getattr(engine, "check_degenerate", True):
+            reason = detect_degenerate(out.text, stopped_by_eos=out.stopped_by_eos)
+        else:
+            reason = None
+        w.attempts.append(
+            Attempt(
+                attempt=req.attempt, temperature=req.temperature, resolution=getattr(engine, "resolution", None),
+                finish_reason=out.finish_reason, stopped_by_eos=out.stopped_by_eos, output_tokens=out.output_tokens,
+                seconds=round(out.seconds, 4), degenerate=reason, error=out.error,
+            )
+        )
+        if req.attempt == 0 and w.phase == "main":
+            self.stats.engine_pages += 1
+            if reason is not None and not out.error:
+                self.stats.loop_pages += 1
+        if reason is None:
+            cleaned = self._clean(w, out.text)
+            if w.phase == "large":
+                return self._settle_large(w, out, cleaned)
+            status = PageStatus.OK if req.attempt == 0 else PageStatus.RETRIED_OK
+            if req.attempt > 0:
+                self.stats.retries_improved += 1
+            result = self._result(w, status, out, cleaned)
+            missing = self._missing_required(w, cleaned, engine)
+            if missing:
+                w.provisional = result
+                if self._queue_large(w, f"missing required label {missing!r}", engine):
+                    return None
+            self._page_done(w, result)
+            return None
+        w.reasons.append(reason)
+        if w.phase == "main" and out.error is None and len(w.attempts) <= len(cfg.retry_temperatures):
+            temp = cfg.retry_temperatures[len(w.attempts) - 1]
+            self.stats.retries_attempted += 1
+            log.info("retry %s p%d (attempt %d, T=%.2f): %s", w.doc_key, w.index + 1, len(w.attempts), temp, reason)
+            return self._request(w, len(w.attempts), temp)
+        if w.phase == "main" and self._queue_large(w, reason, engine):
+            return None
+        self._page_done(w, self._fallback(w, reason, out))
+        return None
+
+    def _clean(self, w: _PageWork, raw: str) -> Any:
+        from postprocess import CleanOptions, PageGeometry, clean_page
+
+        img = w.image
+        assert img is not None
+        geom = PageGeometry(img.width, img.height, img.page_width_pt, img.page_height_pt)
+        link = self._figure_linker(w) if self.cfg.assets != "none" and img.pixels else None
+        return clean_page(raw, options=CleanOptions(mode=self.cfg.mode, table_format=self.cfg.table_format),
+                          geometry=geom, figure_link=link)
+
+    def _figure_linker(self, w: _PageWork) -> Callable[[int, tuple[int, int, int, int]], str | None]:
+        st = self._states[w.doc_key]
+        stem = st.doc.output_stem
+        img = w.image
+        assert img is not None
+
+        def link(i: int, box: tuple[int, int, int, int]) -> str | None:
+            import io
+
+            x1, y1, x2, y2 = (max(0, v) for v in box)
+            x2, y2 = min(x2, img.width), min(y2, img.height)
+            if x2 - x1 < 4 or y2 - y1 < 4:
+                return None
+            buf = io.BytesIO()
+            img.to_pil().crop((x1, y1, x2, y2)).save(buf, format="PNG")
+            name = f"p{w.index + 1:04d}_fig{i + 1:02d}.png"
+            self.outputs.write_bytes(f"{stem}_assets/{name}", buf.getvalue())
+            return f"{stem.rsplit('/', 1)[-1]}_assets/{name}"
+
+        return link
+
+    def _result(self, w: _PageWork, status: PageStatus, out: EngineOutput | None, cleaned: Any) -> PageResult:
+        regions: tuple[dict[str, Any], ...] = ()
+        if self.cfg.mode == "grounded":
+            regions = tuple(
+                {"label": r.label, "box_pt": [list(map(lambda v: round(float(v), 2), b)) for b in r.boxes_pt],
+                 "text": r.text}
+                for r in cleaned.regions
+            )
+        if self.cfg.assets == "pages" and w.image is not None and w.image.pixels:
+            import io
+
+            buf = io.BytesIO()
+            w.image.to_pil().save(buf, format="PNG")
+            self.outputs.write_bytes(f"{self._states[w.doc_key].doc.output_stem}_assets/p{w.index + 1:04d}.png",
+                                     buf.getvalue())
+        return PageResult(
+            page=w.index + 1,
+            status=status,
+            engine=self._engine_name,
+            markdown=cleaned.markdown,
+            raw_text=out.text if out else "",
+            seconds=w.seconds,
+            render_seconds=w.render_seconds,
+            prompt_tokens=out.prompt_tokens if out else None,
+            output_tokens=sum(a.output_tokens or 0 for a in w.attempts) or (out.output_tokens if out else None),
+            finish_reason=out.finish_reason if out else None,
+            stopped_by_eos=out.stopped_by_eos if out else None,
+            attempts=tuple(w.attempts),
+            counters=dict(cleaned.counters),
+            regions=regions,
+            notes=tuple(cleaned.problems),
+        )
+
+    @property
+    def _engine_name(self) -> str:
+        return self.cfg.engine
+
+    def _missing_required(self, w: _PageWork, cleaned: Any, engine: Engine) -> str | None:
+        if w.phase != "main" or getattr(engine, "large_resolution", None) is None or w.image is None:
+            return None
+        if "table" in self.cfg.required_labels and w.image.extra.get("has_table"):
+            if not any(r.label == "table" for r in cleaned.regions) and "<table" not in cleaned.markdown:
+                return "table"
+        return None
+
+    def _queue_large(self, w: _PageWork, reason: str, engine: Engine) -> bool:
+        """Park a page for the Large-mode phase; False when that phase is off, full or unsupported."""
+        if not self.cfg.retry_large or self.stats.large_pass >= self.cfg.retry_large_cap:
+            return False
+        if getattr(engine, "large_resolution", None) is None:
+            return False
+        self.stats.large_pass += 1
+        w.large_reason = reason
+        w.image = None  # re-rendered in the Large phase; do not hold pixels meanwhile
+        self._states[w.doc_key].waiting_large[w.index] = w
+        return True
+
+    def _settle_large(self, w: _PageWork, out: EngineOutput, cleaned: Any) -> None:
+        st = self._states[w.doc_key]
+        st.waiting_large.pop(w.index, None)
+        prov = w.provisional
+        if prov is not None and w.large_reason.startswith("missing required label"):
+            if any(r.label == "table" for r in cleaned.regions) or "<table" in cleaned.markdown:
+                self.stats.large_improved += 1
+                self._page_done(w, self._result(w, PageStatus.LARGE_OK, out, cleaned))
+            else:
+                self._page_done(w, dataclasses.replace(prov, notes=(*prov.notes, "large pass did not find the label")))
+            return None
+        self.stats.large_improved += 1
+        self._page_done(w, self._result(w, PageStatus.LARGE_OK, out, cleaned))
+        return None
+
+    def _fallback(self, w: _PageWork, reason: str, out: EngineOutput | None) -> PageResult:
+        from postprocess import CleanOptions, clean_page
+
+        if w.provisional is not None:
+            return w.provisional
+        text = w.image.text_layer.strip() if w.image is not None else ""
+        if text:
+            cleaned = clean_page(text, options=CleanOptions(mode="clean", table_format=self.cfg.table_format))
+            status, md = PageStatus.FALLBACK_TEXT, cleaned.markdown
+            counters = dict(cleaned.counters)
+        else:
+            status, md, counters = PageStatus.FAILED, f"[[OCR failed: {reason}]]", {}
+        src = self.inputs.uri(self._states[w.doc_key].doc.rel)
+        log.warning("%s page %d: %s after %d attempt(s): %s", src, w.index + 1, status.value, len(w.attempts), reason)
+        return PageResult(
+            page=w.index + 1, status=status, engine=self._engine_name, markdown=md,
+            raw_text=out.text if out else "", seconds=w.seconds, render_seconds=w.render_seconds,
+            output_tokens=sum(a.output_tokens or 0 for a in w.attempts) or None,
+            finish_reason=out.finish_reason if out else None,
+            stopped_by_eos=out.stopped_by_eos if out else None,
+            attempts=tuple(w.attempts), error=reason, counters=counters, notes=tuple(w.reasons),
+        )
+
+    def _large_phase(self, engine: Engine, pool: RenderPool, waiting: list[_PageWork]) -> Engine:
+        large_res = getattr(engine, "large_resolution", None)
+        log.info("Large-mode pass: %d page(s) at resolution %s", len(waiting), large_res)
+        with contextlib.suppress(Exception):
+            engine.close()
+        ec = dataclasses.replace(self.cfg.engine_config, resolution=large_res)
+        large_cfg = dataclasses.replace(self.cfg, engine_config=ec)
+        large = self.engine_factory(large_cfg)
+        t = time.perf_counter()
+        large.start()
+        self.stats.engine_startup_s += time.perf_counter() - t
+        jobs: deque[_PageWork] = deque()
+        for w in waiting:
+            w.phase = "large"
+            jobs.append(w)
+        return self._drive(large, pool, phase="large", jobs=jobs)
+
+    def _restart_engine(self, engine: Engine, err: Exception, in_engine: dict[str, tuple[_PageWork, PageRequest]]) -> Engine:
+        self.stats.engine_restarts += 1
+        if self.stats.engine_restarts > self.cfg.engine_restarts:
+            raise FatalEngineError(f"engine died {self.stats.engine_restarts} times; last error: {err}")
+        log.error("engine died (%s); restarting (%d/%d) and resending %d page(s)", err,
+                  self.stats.engine_restarts, self.cfg.engine_restarts, len(in_engine))
+        engine.restart()
+        reqs = [req for _, req in in_engine.values()]
+        self.stats.resubmitted += len(reqs)
+        engine.submit(reqs)
+        return engine
+
+    # ---------------------------------------------------------------- writing
+    def _finish_doc(self, st: _DocState) -> None:
+        from postprocess import join_pages
+
+        d = st.doc
+        self._states.pop(d.doc_key, None)
+        pages = [st.results[i] for i in range(st.todo)]
+        failed = sum(1 for p in pages if p.status.is_failure)
+        rate = failed / max(1, len(pages))
+        status = "ok" if rate <= self.cfg.max_page_error_rate else "failed"
+        error = None
+        if status == "failed":
+            error = f"{failed}/{len(pages)} page(s) failed (> --max-page-error-rate {self.cfg.max_page_error_rate:g})"
+        stem = d.output_stem
+        try:
+            self.outputs.write_bytes(stem + ".md", join_pages([p.markdown for p in pages]).encode("utf-8"))
+            lines = []
+            for p in pages:
+                rec = p.to_json()
+                rec["markdown"] = p.markdown
+                if self.cfg.mode == "grounded":
+                    rec["regions"] = list(p.regions)
+                lines.append(json.dumps(rec, ensure_ascii=False))
+            self.outputs.write_bytes(stem + ".pages.jsonl", ("\n".join(lines) + "\n").encode("utf-8"))
+            if self.cfg.mode == "grounded":
+                reg_lines = [
+                    json.dumps({"page": p.page, **r}, ensure_ascii=False) for p in pages for r in p.regions
+                ]
+                self.outputs.write_bytes(stem + ".regions.jsonl",
+                                         ("\n".join(reg_lines) + ("\n" if reg_lines else "")).encode("utf-8"))
+            if self.cfg.report:
+                self._write_review(st, pages)
+            marker = {
+                "status": status,
+                "source": self.inputs.uri(d.rel),
+                "pages": len(pages),
+                "page_count": st.page_count,
+                "statuses": _count(p.status.value for p in pages),
+                "engine": self.cfg.engine,
+                "mode": self.cfg.mode,
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            if status == "ok":
+                # The done marker is written last: its presence means every output above is complete.
+                self.outputs.write_bytes(stem + ".done", json.dumps(marker, indent=1).encode("utf-8"))
+            else:
+                self.outputs.delete(stem + ".done")
+        except Exception as e:  # noqa: BLE001 - an output error fails this document, not the run
+            status, error = "failed", f"cannot write outputs: {type(e).__name__}: {e}"
+        finally:
+            st.stack.close()
+        seconds = time.perf_counter() - st.started
+        src = self.inputs.uri(d.rel)
+        if status == "ok":
+            log.info("done %s → %s.md (%d pages, %.1f s)%s", src, stem, len(pages), seconds,
+                     f"; {failed} page(s) failed" if failed else "")
+        else:
+            log.error("FAILED %s: %s", src, error)
+        self.doc_results.append(
+            DocResult(d.doc_key, src, stem, status, tuple(pages), error, seconds, st.page_count or 0)
+        )
+        self.progress.doc_done(ok=status == "ok")
+
+    def _write_review(self, st: _DocState, pages: list[PageResult]) -> None:
+        from runner.report import render_review_html
+
+        recs = []
+        for p in pages:
+            rec = p.to_json()
+            rec["markdown"] = p.markdown
+            rec["regions"] = list(p.regions)
+            recs.append(rec)
+        html = render_review_html(st.local_path, recs, title=st.doc.output_stem, password=self.cfg.password)
+        self.outputs.write_bytes(st.doc.output_stem + ".review.html", html.encode("utf-8"))
+
+
+def _count(items: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for i in items:
+        out[i] = out.get(i, 0) + 1
+    return out

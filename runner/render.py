@@ -1,0 +1,368 @@
+"""Render stage: PDF pages → ``PageImage`` in isolated worker processes.
+
+Every PDF operation (opening, counting pages, rendering, text extraction) runs in a pool of
+``spawn``-started worker processes. The parent never parses a PDF itself, so a hostile file can
+at worst take down one worker: each task has a time limit (the worker is killed and replaced when
+it is exceeded) and each worker a memory limit (``RLIMIT_DATA``). Pages that would render above a
+pixel cap are refused before any pixel is allocated.
+
+In: ``OpenTask`` / ``RenderTask``. Out: ``TaskResult`` with a dict payload (open) or a
+``PageImage`` (render), or a failure kind: ``error``, ``timeout``, ``crash``, ``too_large``,
+``password``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import multiprocessing as mp
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from runner.blank import detect_blank
+from runner.records import PageImage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OpenTask:
+    task_id: int
+    doc_key: str
+    path: str
+    password: str | None = None
+
+
+@dataclass(frozen=True)
+class RenderTask:
+    task_id: int
+    doc_key: str
+    path: str
+    page_index: int
+    dpi: float
+    password: str | None = None
+    want_pixels: bool = True
+    want_markdown: bool = False
+    want_table_check: bool = False
+    max_pixels: int = 40_000_000
+    blank_ink_threshold: float = 2e-5
+    hook: tuple[str, dict[str, Any]] | None = None
+    scale: float = 1.0  # extra zoom on top of dpi (ROI pass renders sharper)
+    clip: tuple[float, float, float, float] | None = None  # PDF points, for ROI crops
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    task: OpenTask | RenderTask
+    kind: str  # "ok" | "error" | "timeout" | "crash" | "too_large" | "password"
+    payload: Any = None  # dict for OpenTask, PageImage for RenderTask
+    message: str = ""
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Worker side
+# --------------------------------------------------------------------------------------------
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _NeedsPassword(Exception):
+    pass
+
+
+def _open_doc(cache: dict[str, Any], path: str, password: str | None) -> Any:
+    import pymupdf
+
+    doc = cache.get(path)
+    if doc is not None:
+        return doc
+    doc = pymupdf.open(path, filetype="pdf")
+    if doc.needs_pass:
+        if not password or not doc.authenticate(password):
+            doc.close()
+            raise _NeedsPassword("encrypted PDF: " + ("wrong password" if password else "needs --password"))
+    while len(cache) >= 4:  # small LRU: workers see pages of a few documents at a time
+        old = cache.pop(next(iter(cache)))
+        with contextlib.suppress(Exception):
+            old.close()
+    cache[path] = doc
+    return doc
+
+
+def _do_open(cache: dict[str, Any], t: OpenTask) -> dict[str, Any]:
+    doc = _open_doc(cache, t.path, t.password)
+    n = doc.page_count
+    return {
+        "page_count": n,
+        "repaired": bool(getattr(doc, "is_repaired", False)),
+        "encrypted": bool(doc.is_encrypted) or bool(doc.metadata and doc.metadata.get("encryption")),
+    }
+
+
+def _do_render(cache: dict[str, Any], t: RenderTask, hook_fn: Any) -> PageImage:
+    import pymupdf
+
+    t0 = time.perf_counter()
+    doc = _open_doc(cache, t.path, t.password)
+    page = doc.load_page(t.page_index)
+    rect = page.rect if t.clip is None else pymupdf.Rect(*t.clip)
+    zoom = t.dpi / 72.0 * t.scale
+    w, h = round(rect.width * zoom), round(rect.height * zoom)
+    if w <= 0 or h <= 0:
+        raise ValueError(f"page has an empty size ({rect.width:.1f}x{rect.height:.1f} pt)")
+    if w * h > t.max_pixels:
+        raise _TooLarge(
+            f"page would render to {w}x{h} = {w * h / 1e6:.0f} MP at {t.dpi:g} dpi "
+            f"(cap {t.max_pixels / 1e6:.0f} MP; page is {rect.width / 72:.0f}x{rect.height / 72:.0f} in)"
+        )
+    text = page.get_text("text") if t.clip is None else ""
+    pix = None
+    if t.want_pixels:
+        pix = page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), alpha=False, clip=t.clip,
+                              colorspace=pymupdf.csRGB)
+    blank, reason = (False, "clip") if t.clip is not None else detect_blank(page, pix, text, t.blank_ink_threshold)
+    markdown = None
+    if t.want_markdown and not blank:
+        markdown = _page_markdown(doc, t.page_index)
+    extra: dict[str, Any] = {}
+    if t.want_table_check and not blank:
+        extra["has_table"] = _has_table(page)
+    pixels = pix.samples if pix is not None else b""
+    if hook_fn is not None and pix is not None and not blank:
+        from PIL import Image
+
+        img = Image.frombytes("RGB", (pix.width, pix.height), pixels)
+        assert t.hook is not None
+        extra["hook"] = hook_fn(img, **t.hook[1])
+    return PageImage(
+        doc_key=t.doc_key,
+        page_index=t.page_index,
+        width=pix.width if pix is not None else w,
+        height=pix.height if pix is not None else h,
+        mode="RGB",
+        pixels=bytes(pixels),
+        dpi=t.dpi * t.scale,
+        page_width_pt=rect.width,
+        page_height_pt=rect.height,
+        render_seconds=time.perf_counter() - t0,
+        blank=blank,
+        blank_reason=reason,
+        text_layer=text,
+        text_markdown=markdown,
+        extra=extra,
+    )
+
+
+def _page_markdown(doc: Any, index: int) -> str:
+    import pymupdf4llm
+
+    # pymupdf4llm 2.x defaults to its layout-model mode: ~1 s/page on a CPU core and it tries to
+    # OCR image-only pages. The classic mode gives the same Markdown on born-digital pages we
+    # measured (headings, pipe tables) at ~0.08 s/page, and never OCRs: that is the engines' job.
+    if hasattr(pymupdf4llm, "use_layout"):
+        pymupdf4llm.use_layout(False)
+    return str(pymupdf4llm.to_markdown(doc, pages=[index], show_progress=False))
+
+
+def _has_table(page: Any) -> bool:
+    """Born-digital evidence that a page shows a table (PyMuPDF's ruling-line table finder)."""
+    try:
+        return len(page.find_tables().tables) > 0
+    except Exception:  # the table finder is best-effort evidence, never a reason to fail a page
+        return False
+
+
+def _worker_main(conn: Connection, mem_limit_mb: int) -> None:
+    if mem_limit_mb > 0:
+        import resource
+
+        lim = mem_limit_mb * 1024 * 1024
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_DATA, (lim, lim))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import pymupdf
+
+    # MuPDF prints warnings about damaged files to stderr; they are reported per file instead.
+    pymupdf.TOOLS.mupdf_display_errors(False)
+    pymupdf.TOOLS.mupdf_display_warnings(False)
+    cache: dict[str, Any] = {}
+    hooks: dict[str, Any] = {}
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            if isinstance(task, OpenTask):
+                payload: Any = _do_open(cache, task)
+            else:
+                hook_fn = None
+                if task.hook is not None:
+                    hook_fn = hooks.get(task.hook[0])
+                    if hook_fn is None:
+                        mod, _, fn = task.hook[0].partition(":")
+                        hook_fn = hooks[task.hook[0]] = getattr(importlib.import_module(mod), fn)
+                payload = _do_render(cache, task, hook_fn)
+            conn.send(TaskResult(task, "ok", payload, "", time.perf_counter() - t0))
+        except _TooLarge as e:
+            conn.send(TaskResult(task, "too_large", None, str(e), time.perf_counter() - t0))
+        except _NeedsPassword as e:
+            conn.send(TaskResult(task, "password", None, str(e), time.perf_counter() - t0))
+        except MemoryError:
+            conn.send(TaskResult(task, "error", None, f"out of memory (worker limit {mem_limit_mb} MB)",
+                                 time.perf_counter() - t0))
+        except Exception as e:  # any parser failure is a per-file/per-page error, reported upstream
+            msg = f"{type(e).__name__}: {e}".strip()
+            conn.send(TaskResult(task, "error", None, msg[:500], time.perf_counter() - t0))
+            # A failing document may be left in a bad state; reopen it next time.
+            doc = cache.pop(task.path, None)
+            if doc is not None:
+                with contextlib.suppress(Exception):
+                    doc.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Parent side
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Worker:
+    proc: Any
+    conn: Connection
+    task: OpenTask | RenderTask | None = None
+    started: float = 0.0
+    deadline: float = 0.0
+
+
+@dataclass
+class RenderPool:
+    """A pool of render worker processes with per-task deadlines and crash recovery."""
+
+    workers: int = 2
+    render_timeout_s: float = 60.0
+    open_timeout_s: float = 60.0
+    mem_limit_mb: int = 4096
+    _pool: list[_Worker] = field(default_factory=list)
+    _queue: deque[OpenTask | RenderTask] = field(default_factory=deque)
+    _done: list[TaskResult] = field(default_factory=list)
+    restarts: int = 0
+
+    def __post_init__(self) -> None:
+        self._ctx = mp.get_context("spawn")
+        for _ in range(self.workers):
+            self._pool.append(self._spawn())
+
+    def _spawn(self) -> _Worker:
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(target=_worker_main, args=(child, self.mem_limit_mb), daemon=True,
+                                 name="pdf-render")
+        proc.start()
+        child.close()
+        return _Worker(proc, parent)
+
+    def _replace(self, w: _Worker) -> None:
+        with contextlib.suppress(Exception):
+            w.proc.kill()
+        w.proc.join(timeout=5)
+        with contextlib.suppress(Exception):
+            w.conn.close()
+        self.restarts += 1
+        nw = self._spawn()
+        w.proc, w.conn, w.task = nw.proc, nw.conn, None
+
+    def submit(self, task: OpenTask | RenderTask) -> None:
+        self._queue.append(task)
+
+    def busy(self) -> int:
+        return len(self._queue) + sum(1 for w in self._pool if w.task is not None)
+
+    def _dispatch(self) -> None:
+        for w in self._pool:
+            if w.task is None and self._queue:
+                task = self._queue.popleft()
+                limit = self.open_timeout_s if isinstance(task, OpenTask) else self.render_timeout_s
+                try:
+                    w.conn.send(task)
+                except (BrokenPipeError, OSError):
+                    self._replace(w)
+                    w.conn.send(task)
+                w.task, w.started, w.deadline = task, time.monotonic(), time.monotonic() + limit
+
+    def collect(self, timeout: float = 0.0) -> list[TaskResult]:
+        """Finished tasks; waits up to ``timeout`` seconds for at least one."""
+        self._dispatch()
+        busy = [w for w in self._pool if w.task is not None]
+        if busy and not self._done:
+            now = time.monotonic()
+            wait_s = max(0.0, min([timeout, *[w.deadline - now for w in busy]]))
+            wait([w.conn for w in busy], timeout=wait_s)
+        for w in self._pool:
+            if w.task is None:
+                continue
+            task = w.task
+            if w.conn.poll():
+                try:
+                    res = w.conn.recv()
+                except (EOFError, OSError):
+                    code = w.proc.exitcode
+                    self._done.append(TaskResult(task, "crash", None, _crash_message(code, self.mem_limit_mb),
+                                                 time.monotonic() - w.started))
+                    self._replace(w)
+                    continue
+                w.task = None
+                self._done.append(res)
+            elif not w.proc.is_alive():
+                self._done.append(TaskResult(task, "crash", None, _crash_message(w.proc.exitcode, self.mem_limit_mb),
+                                             time.monotonic() - w.started))
+                self._replace(w)
+            elif time.monotonic() > w.deadline:
+                limit = self.open_timeout_s if isinstance(task, OpenTask) else self.render_timeout_s
+                self._done.append(TaskResult(task, "timeout", None, f"timed out after {limit:g} s",
+                                             time.monotonic() - w.started))
+                self._replace(w)
+        self._dispatch()
+        out, self._done = self._done, []
+        return out
+
+    def close(self) -> None:
+        for w in self._pool:
+            with contextlib.suppress(Exception):
+                w.conn.send(None)
+        for w in self._pool:
+            w.proc.join(timeout=2)
+            if w.proc.is_alive():
+                w.proc.kill()
+                w.proc.join(timeout=2)
+            with contextlib.suppress(Exception):
+                w.conn.close()
+        self._pool.clear()
+
+    def __enter__(self) -> RenderPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _crash_message(code: int | None, mem_limit_mb: int) -> str:
+    if code is not None and code < 0:
+        import signal
+
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = str(-code)
+        return f"render worker died ({name}); memory limit {mem_limit_mb} MB"
+    return f"render worker exited with code {code} (memory limit {mem_limit_mb} MB)"
