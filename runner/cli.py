@@ -265,7 +265,7 @@ def run(cfg: RunConfig, log_file: str) -> int:
         log.warning("no PDF found under %s", cfg.input_root)
     # Fail fast: an engine that cannot run here says so before any PDF is touched.
     try:
-        create_engine(cfg).close()
+        engine = create_engine(cfg)
     except EngineUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         log.error("%s", e)
@@ -274,7 +274,7 @@ def run(cfg: RunConfig, log_file: str) -> int:
                         log_every_s=10.0 if cfg.progress != "none" else 1e9)
     pipe = Pipeline(cfg, create_engine, inputs, outputs, progress)
     try:
-        results = pipe.run(docs)
+        results = pipe.run(docs, engine=engine)
     except EngineUnavailable as e:
         progress.close()
         print(f"error: {e}", file=sys.stderr)

@@ -119,7 +119,8 @@ class Pipeline:
         self._req_ids = 0
 
     # ---------------------------------------------------------------- public
-    def run(self, docs: list[InputDoc]) -> list[DocResult]:
+    def run(self, docs: list[InputDoc], engine: Engine | None = None) -> list[DocResult]:
+        """Process ``docs``; ``engine`` (built but not started) is used for the main phase."""
         todo: list[InputDoc] = []
         for d in docs:
             if not self.cfg.force and self.outputs.exists(d.output_stem + ".done"):
@@ -130,19 +131,25 @@ class Pipeline:
                 todo.append(d)
         if not todo:
             return self.doc_results
-        engine = self.engine_factory(self.cfg)
-        t_start = time.perf_counter()
-        engine.start()
-        self.stats.engine_startup_s = time.perf_counter() - t_start
-        if self.stats.engine_startup_s > 1:
-            log.info("engine %s started in %.1f s", engine.name, self.stats.engine_startup_s)
-        self.stats.t0 = time.perf_counter()
+        engine = engine or self.engine_factory(self.cfg)
+        # Render workers boot while the model loads; neither counts towards throughput.
         pool = RenderPool(
             workers=self.cfg.render_workers,
             render_timeout_s=self.cfg.render_timeout_s,
             open_timeout_s=self.cfg.open_timeout_s,
             mem_limit_mb=self.cfg.render_memory_mb,
         )
+        t_start = time.perf_counter()
+        try:
+            engine.start()
+        except BaseException:
+            pool.close()
+            raise
+        self.stats.engine_startup_s = time.perf_counter() - t_start
+        if self.stats.engine_startup_s > 1:
+            log.info("engine %s started in %.1f s", engine.name, self.stats.engine_startup_s)
+        pool.wait_ready()
+        self.stats.t0 = time.perf_counter()
         self._states: dict[str, _DocState] = {}
         try:
             self._pending_docs: deque[InputDoc] = deque(todo)
@@ -150,6 +157,7 @@ class Pipeline:
             waiting = [w for st in self._states.values() for w in st.waiting_large.values()]
             if waiting:
                 engine = self._large_phase(engine, pool, waiting)
+            self._account_for_everything()
         except FatalEngineError as e:
             log.error("%s", e)
             for st in list(self._states.values()):
@@ -261,6 +269,21 @@ class Pipeline:
         self.stats.timeline.append((round(time.perf_counter() - self.stats.t0, 2), self.stats.pages_done))
         return engine
 
+    def _account_for_everything(self) -> None:
+        """Safety net: a document still open after the last phase gets a record for every page
+        (a scheduler bug must show up as failed pages, never as a silently missing document)."""
+        for st in list(self._states.values()):
+            for i in range(st.todo):
+                if i not in st.results:
+                    log.error("internal error: %s page %d has no result; recorded as failed", st.doc.doc_key, i + 1)
+                    st.results[i] = PageResult(
+                        page=i + 1, status=PageStatus.FAILED, engine=self._engine_name,
+                        markdown="[[OCR failed: internal error]]", raw_text="", seconds=0.0, render_seconds=0.0,
+                        error="internal error: page was never settled",
+                    )
+            st.waiting_large.clear()
+            self._finish_doc(st)
+
     def _n_active_unscheduled(self) -> int:
         return sum(1 for s in self._states.values() if s.page_count is None or s.next_page < s.todo)
 
@@ -313,6 +336,7 @@ class Pipeline:
     # ---------------------------------------------------------------- pages
     def _page_done(self, w: _PageWork, result: PageResult) -> None:
         st = self._states[w.doc_key]
+        st.waiting_large.pop(w.index, None)
         st.results[w.index] = result
         self.stats.pages_done += 1
         self.progress.page_done(result.status.value)
@@ -506,8 +530,6 @@ class Pipeline:
         return True
 
     def _settle_large(self, w: _PageWork, out: EngineOutput, cleaned: Any) -> None:
-        st = self._states[w.doc_key]
-        st.waiting_large.pop(w.index, None)
         prov = w.provisional
         if prov is not None and w.large_reason.startswith("missing required label"):
             if any(r.label == "table" for r in cleaned.regions) or "<table" in cleaned.markdown:

@@ -173,11 +173,34 @@ def _page_markdown(doc: Any, index: int) -> str:
 
 
 def _has_table(page: Any) -> bool:
-    """Born-digital evidence that a page shows a table (PyMuPDF's ruling-line table finder)."""
+    """Born-digital evidence that a page shows a table: ruling lines.
+
+    Three or more horizontal rules of the same horizontal extent (≥ 60 pt wide) — the top, middle
+    and bottom rules of a booktabs table, or the row borders of a gridded one. Bars of a chart or
+    underlines do not line up that way. PyMuPDF's ``find_tables`` is more thorough but measured
+    1.5 s/page here; this costs milliseconds.
+    """
+    groups: dict[tuple[int, int], set[int]] = {}
     try:
-        return len(page.find_tables().tables) > 0
-    except Exception:  # the table finder is best-effort evidence, never a reason to fail a page
+        drawings = page.get_cdrawings()
+    except Exception:  # evidence only: never a reason to fail a page
         return False
+    for d in drawings:
+        for item in d.get("items", ()):
+            op = item[0]
+            if op == "l":
+                (x0, y0), (x1, y1) = (item[1][0], item[1][1]), (item[2][0], item[2][1])
+                segs = [(x0, y0, x1, y1)]
+            elif op == "re":
+                r = item[1]
+                segs = [(r[0], r[1], r[2], r[1]), (r[0], r[3], r[2], r[3])]
+            else:
+                continue
+            for sx0, sy0, sx1, sy1 in segs:
+                if abs(sy1 - sy0) < 1.0 and abs(sx1 - sx0) >= 60:
+                    key = (round(min(sx0, sx1) / 2), round(max(sx0, sx1) / 2))
+                    groups.setdefault(key, set()).add(round(sy0))
+    return any(len(ys) >= 3 for ys in groups.values())
 
 
 def _worker_main(conn: Connection, mem_limit_mb: int) -> None:
@@ -195,6 +218,7 @@ def _worker_main(conn: Connection, mem_limit_mb: int) -> None:
     pymupdf.TOOLS.mupdf_display_warnings(False)
     cache: dict[str, Any] = {}
     hooks: dict[str, Any] = {}
+    conn.send("ready")  # start-up (imports) must not count against the first task's time limit
     while True:
         try:
             task = conn.recv()
@@ -244,6 +268,7 @@ class _Worker:
     task: OpenTask | RenderTask | None = None
     started: float = 0.0
     deadline: float = 0.0
+    ready: bool = False
 
 
 @dataclass
@@ -280,17 +305,34 @@ class RenderPool:
             w.conn.close()
         self.restarts += 1
         nw = self._spawn()
-        w.proc, w.conn, w.task = nw.proc, nw.conn, None
+        w.proc, w.conn, w.task, w.ready = nw.proc, nw.conn, None, False
 
     def submit(self, task: OpenTask | RenderTask) -> None:
         self._queue.append(task)
 
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Block until every worker finished starting (so start-up is not billed to a page)."""
+        end = time.monotonic() + timeout
+        while not all(w.ready for w in self._pool) and time.monotonic() < end:
+            wait([w.conn for w in self._pool if not w.ready], timeout=0.1)
+            self._check_ready()
+
     def busy(self) -> int:
         return len(self._queue) + sum(1 for w in self._pool if w.task is not None)
 
-    def _dispatch(self) -> None:
+    def _check_ready(self) -> None:
         for w in self._pool:
-            if w.task is None and self._queue:
+            if not w.ready:
+                try:
+                    if w.conn.poll():
+                        w.ready = w.conn.recv() == "ready"
+                except (EOFError, OSError):
+                    self._replace(w)  # died while starting (e.g. broken environment): try again
+
+    def _dispatch(self) -> None:
+        self._check_ready()
+        for w in self._pool:
+            if w.ready and w.task is None and self._queue:
                 task = self._queue.popleft()
                 limit = self.open_timeout_s if isinstance(task, OpenTask) else self.render_timeout_s
                 try:
@@ -304,10 +346,11 @@ class RenderPool:
         """Finished tasks; waits up to ``timeout`` seconds for at least one."""
         self._dispatch()
         busy = [w for w in self._pool if w.task is not None]
-        if busy and not self._done:
+        starting = [w for w in self._pool if not w.ready] if self._queue else []
+        if (busy or starting) and not self._done:
             now = time.monotonic()
             wait_s = max(0.0, min([timeout, *[w.deadline - now for w in busy]]))
-            wait([w.conn for w in busy], timeout=wait_s)
+            wait([w.conn for w in busy + starting], timeout=wait_s)
         for w in self._pool:
             if w.task is None:
                 continue

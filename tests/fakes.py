@@ -1,0 +1,141 @@
+"""A deterministic fake engine for CPU tests (never part of the product).
+
+It answers each page the way DeepSeek-OCR's grounded prompt would, from the page's own text
+layer, so outputs are checkable. Knobs inject what real engines do on bad days: loops on chosen
+pages/attempts, per-request errors, hostile HTML, slowness, and whole-engine deaths.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from runner.engines.base import EngineDied
+from runner.records import EngineOutput, PageRequest
+
+EOS = "<｜end▁of▁sentence｜>"
+
+
+def loop_text(seed: int = 0) -> str:
+    block = "<|ref|>text<|/ref|><|det|>[[100, 100, 900, 140]]<|/det|>\nThe same line again and again.\n\n"
+    return block * 120  # no EOS: cut at max_tokens
+
+
+@dataclass(frozen=True)
+class Seen:
+    doc: str
+    page_index: int
+    attempt: int
+    temperature: float
+    prompt_mode: str
+
+
+@dataclass
+class FakeEngine:
+    name: str = "fake"
+    needs_pixels: bool = True
+    needs_text_markdown: bool = False
+    check_degenerate: bool = True
+    large_resolution: str | None = "large"
+    resolution: str | None = "gundam"
+    worker_hook: tuple[str, dict] | None = None
+    # fault injection
+    loop_pages: dict[tuple[str, int], int] = field(default_factory=dict)  # (doc_key suffix, page_index) -> attempts that loop
+    loop_all_attempts_in_base: set[tuple[str, int]] = field(default_factory=set)  # loop unless Large mode
+    hostile: bool = False
+    delay_s: float = 0.0
+    die_after_outputs: int | None = None  # raise EngineDied once after this many outputs
+    max_batch: int = 8
+    # bookkeeping for assertions
+    seen: list[Seen] = field(default_factory=list)  # light records: holding requests would hold pixels
+    started: int = 0
+    restarts: int = 0
+    _queue: deque[PageRequest] = field(default_factory=deque)
+    _outputs: int = 0
+
+    def start(self) -> None:
+        self.started += 1
+
+    def submit(self, requests: Sequence[PageRequest]) -> None:
+        self._queue.extend(requests)
+        self.seen.extend(Seen(os.path.basename(r.image.doc_key), r.image.page_index, r.attempt, r.temperature,
+                              r.prompt_mode) for r in requests)
+
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def restart(self) -> None:
+        self.restarts += 1
+        self._queue.clear()
+
+    def close(self) -> None:
+        self._queue.clear()
+
+    def _key(self, req: PageRequest) -> tuple[str, int]:
+        return (os.path.basename(req.image.doc_key), req.image.page_index)
+
+    def _answer(self, req: PageRequest) -> str:
+        key = self._key(req)
+        if key in self.loop_all_attempts_in_base and self.resolution != "large":
+            return loop_text()
+        if req.attempt < self.loop_pages.get(key, 0):
+            return loop_text()
+        text = req.image.text_layer.strip() or f"page {req.image.page_index + 1} image text"
+        body = "\n".join(line for line in text.splitlines() if line.strip())
+        out = f"<|ref|>text<|/ref|><|det|>[[50, 50, 950, 950]]<|/det|>\n{body}\n\n"
+        if self.hostile:
+            out += (
+                "<|ref|>text<|/ref|><|det|>[[50, 960, 950, 990]]<|/det|>\n"
+                "<script>alert('x')</script><img src=x onerror=alert(1)> [click](javascript:alert(1)) "
+                "<iframe src='http://evil'></iframe><style>body{}</style>\n\n"
+            )
+        return out + EOS
+
+    def poll(self, timeout: float = 0.0) -> list[EngineOutput]:
+        if not self._queue:
+            if timeout:
+                time.sleep(min(timeout, 0.005))
+            return []
+        if self.die_after_outputs is not None and self._outputs >= self.die_after_outputs:
+            self.die_after_outputs = None
+            raise EngineDied("injected engine death")
+        outs = []
+        for _ in range(min(self.max_batch, len(self._queue))):
+            req = self._queue.popleft()
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            text = self._answer(req)
+            looped = EOS not in text
+            outs.append(
+                EngineOutput(
+                    request_id=req.request_id,
+                    text=text,
+                    finish_reason="length" if looped else "stop",
+                    stopped_by_eos=not looped,
+                    prompt_tokens=912,
+                    output_tokens=len(text) // 4,
+                    seconds=self.delay_s,
+                )
+            )
+            self._outputs += 1
+        return outs
+
+
+class FakeFactory:
+    """Engine factory for ``Pipeline``: a fresh FakeEngine per call, configured alike; keeps them."""
+
+    def __init__(self, **kwargs: object) -> None:
+        self.kwargs = kwargs
+        self.engines: list[FakeEngine] = []
+
+    def __call__(self, config: object) -> FakeEngine:
+        eng = FakeEngine(**self.kwargs)  # type: ignore[arg-type]
+        res = getattr(getattr(config, "engine_config", None), "resolution", None)
+        if res:
+            eng.resolution = res
+        self.engines.append(eng)
+        return eng
+
