@@ -107,8 +107,10 @@ class Pipeline:
         inputs: Storage,
         outputs: Storage,
         progress: Progress,
+        pool_factory: Callable[[RunConfig], RenderPool] | None = None,
     ) -> None:
         self.cfg = config
+        self.pool_factory = pool_factory or _local_pool
         self.engine_factory = engine_factory
         self.inputs = inputs
         self.outputs = outputs
@@ -133,12 +135,7 @@ class Pipeline:
             return self.doc_results
         engine = engine or self.engine_factory(self.cfg)
         # Render workers boot while the model loads; neither counts towards throughput.
-        pool = RenderPool(
-            workers=self.cfg.render_workers,
-            render_timeout_s=self.cfg.render_timeout_s,
-            open_timeout_s=self.cfg.open_timeout_s,
-            mem_limit_mb=self.cfg.render_memory_mb,
-        )
+        pool = self.pool_factory(self.cfg)
         t_start = time.perf_counter()
         try:
             engine.start()
@@ -668,6 +665,15 @@ class Pipeline:
             recs.append(rec)
         html = render_review_html(st.local_path, recs, title=st.doc.output_stem, password=self.cfg.password)
         self.outputs.write_bytes(st.doc.output_stem + ".review.html", html.encode("utf-8"))
+
+
+def _local_pool(cfg: RunConfig) -> RenderPool:
+    return RenderPool(
+        workers=cfg.render_workers,
+        render_timeout_s=cfg.render_timeout_s,
+        open_timeout_s=cfg.open_timeout_s,
+        mem_limit_mb=cfg.render_memory_mb,
+    )
 
 
 def _count(items: Any) -> dict[str, int]:
