@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
+import html
 import logging
 import time
 from collections import deque
@@ -31,6 +31,7 @@ from typing import Any
 
 from runner.config import RunConfig
 from runner.engines.base import Engine, EngineDied
+from runner.jsonsafe import safe_dumps
 from runner.naming import InputDoc
 from runner.progress import Progress
 from runner.records import Attempt, DocResult, EngineOutput, PageImage, PageRequest, PageResult, PageStatus
@@ -550,7 +551,7 @@ class Pipeline:
             status, md = PageStatus.FALLBACK_TEXT, cleaned.markdown
             counters = dict(cleaned.counters)
         else:
-            status, md, counters = PageStatus.FAILED, f"[[OCR failed: {reason}]]", {}
+            status, md, counters = PageStatus.FAILED, f"[[OCR failed: {html.escape(reason)}]]", {}
         src = self.inputs.uri(self._states[w.doc_key].doc.rel)
         log.warning("%s page %d: %s after %d attempt(s): %s", src, w.index + 1, status.value, len(w.attempts), reason)
         return PageResult(
@@ -613,11 +614,11 @@ class Pipeline:
                 rec["markdown"] = p.markdown
                 if self.cfg.mode == "grounded":
                     rec["regions"] = list(p.regions)
-                lines.append(json.dumps(rec, ensure_ascii=False))
+                lines.append(safe_dumps(rec))
             self.outputs.write_bytes(stem + ".pages.jsonl", ("\n".join(lines) + "\n").encode("utf-8"))
             if self.cfg.mode == "grounded":
                 reg_lines = [
-                    json.dumps({"page": p.page, **r}, ensure_ascii=False) for p in pages for r in p.regions
+                    safe_dumps({"page": p.page, **r}) for p in pages for r in p.regions
                 ]
                 self.outputs.write_bytes(stem + ".regions.jsonl",
                                          ("\n".join(reg_lines) + ("\n" if reg_lines else "")).encode("utf-8"))
@@ -635,7 +636,7 @@ class Pipeline:
             }
             if status == "ok":
                 # The done marker is written last: its presence means every output above is complete.
-                self.outputs.write_bytes(stem + ".done", json.dumps(marker, indent=1).encode("utf-8"))
+                self.outputs.write_bytes(stem + ".done", safe_dumps(marker, indent=1).encode("utf-8"))
             else:
                 self.outputs.delete(stem + ".done")
         except Exception as e:  # noqa: BLE001 - an output error fails this document, not the run

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 from runner.config import RunConfig
+from runner.jsonsafe import safe_dumps
 from runner.pipeline import RunStats
 from runner.records import DocResult
 
@@ -101,4 +101,4 @@ def print_summary(summary: dict[str, Any], path: str, console_file: Any = None) 
 
 
 def dumps(summary: dict[str, Any]) -> bytes:
-    return json.dumps(summary, indent=1, ensure_ascii=False).encode("utf-8")
+    return safe_dumps(summary, indent=1).encode("utf-8")
