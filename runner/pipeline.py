@@ -40,6 +40,9 @@ from runner.storage import Storage
 
 log = logging.getLogger("runner")
 
+ROI_SCALE = 2.0  # crops are rendered at twice the page DPI
+ROI_MARGIN_PT = 4.0
+ROI_MAX_REGIONS = 24  # per page: a newspaper page of 137 tiny boxes must not explode the pass
 OUTPUT_SUFFIXES = (".md", ".pages.jsonl", ".regions.jsonl", ".done", ".review.html")
 BLANK_STUB = "[[Blank page]]"
 
@@ -58,8 +61,18 @@ class _PageWork:
     seconds: float = 0.0
     render_seconds: float = 0.0
     reasons: list[str] = field(default_factory=list)
-    provisional: PageResult | None = None  # accepted main-phase result awaiting the Large phase
+    provisional: PageResult | None = None  # accepted result awaiting the Large or ROI phase
     large_reason: str = ""
+    # ROI pass: a parent page holds its accepted raw text and the crops' readings
+    accepted_raw: str = ""
+    accepted_out: EngineOutput | None = None
+    roi_regions: list[Any] = field(default_factory=list)  # parsed regions of accepted_raw
+    roi_readings: dict[int, str | None] = field(default_factory=dict)
+    roi_pending: int = 0
+    # ROI pass: a crop job points at its parent page and region
+    roi_parent: _PageWork | None = None
+    roi_index: int = -1
+    clip: tuple[float, float, float, float] | None = None
 
 
 @dataclass
@@ -72,6 +85,7 @@ class _DocState:
     next_page: int = 0
     results: dict[int, PageResult] = field(default_factory=dict)
     waiting_large: dict[int, _PageWork] = field(default_factory=dict)
+    waiting_roi: dict[int, _PageWork] = field(default_factory=dict)
     regions: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     notes: list[str] = field(default_factory=list)
@@ -92,6 +106,7 @@ class RunStats:
     retries_improved: int = 0
     large_pass: int = 0
     large_improved: int = 0
+    roi_improved: int = 0
     engine_restarts: int = 0
     resubmitted: int = 0
     render_worker_restarts: int = 0
@@ -155,6 +170,9 @@ class Pipeline:
             waiting = [w for st in self._states.values() for w in st.waiting_large.values()]
             if waiting:
                 engine = self._large_phase(engine, pool, waiting)
+            roi = [w for st in self._states.values() for w in st.waiting_roi.values()]
+            if roi:
+                engine = self._roi_phase(engine, pool, roi)
             self._account_for_everything()
         except FatalEngineError as e:
             log.error("%s", e)
@@ -219,7 +237,9 @@ class Pipeline:
                     want_table_check=want_table and phase == "main",
                     max_pixels=cfg.max_page_pixels,
                     blank_ink_threshold=cfg.blank_ink_threshold,
-                    hook=hook if engine.needs_pixels else None,
+                    hook=hook if engine.needs_pixels and w.phase != "roi" else None,
+                    scale=ROI_SCALE if w.phase == "roi" else 1.0,
+                    clip=w.clip,
                 )
                 rendering[t.task_id] = w
                 pool.submit(t)
@@ -251,7 +271,8 @@ class Pipeline:
                         in_engine[retry.request_id] = (w, retry)
                         engine.submit([retry])
             # 5. write finished documents
-            for st in [s for s in self._states.values() if s.complete and not s.waiting_large]:
+            for st in [s for s in self._states.values()
+                       if s.complete and not s.waiting_large and not s.waiting_roi]:
                 self._finish_doc(st)
             now = time.perf_counter()
             if now - last_tick >= 1.0:
@@ -280,6 +301,7 @@ class Pipeline:
                         error="internal error: page was never settled",
                     )
             st.waiting_large.clear()
+            st.waiting_roi.clear()
             self._finish_doc(st)
 
     def _n_active_unscheduled(self) -> int:
@@ -335,6 +357,7 @@ class Pipeline:
     def _page_done(self, w: _PageWork, result: PageResult) -> None:
         st = self._states[w.doc_key]
         st.waiting_large.pop(w.index, None)
+        st.waiting_roi.pop(w.index, None)
         st.results[w.index] = result
         self.stats.pages_done += 1
         self.progress.page_done(result.status.value)
@@ -347,6 +370,9 @@ class Pipeline:
                 "timeout": PageStatus.RENDER_TIMEOUT,
             }.get(res.kind, PageStatus.RENDER_ERROR)
             src = self.inputs.uri(self._states[w.doc_key].doc.rel)
+            if w.phase == "roi":
+                self._roi_reading(w, None, f"crop not rendered: {res.message}")
+                return None
             log.error("%s page %d: %s: %s", src, w.index + 1, status.value, res.message)
             if w.phase == "large" and w.provisional is not None:
                 self._page_done(w, w.provisional)
@@ -361,8 +387,15 @@ class Pipeline:
             return None
         img: PageImage = res.payload
         self.stats.render_seconds += img.render_seconds
+        if w.phase == "roi":
+            w.image = img
+            assert w.roi_parent is not None
+            label = w.roi_parent.roi_regions[w.roi_index].label
+            self._req_ids += 1
+            return PageRequest(request_id=f"roi-{self._req_ids}", image=img,
+                               prompt_mode="markdown" if label == "table" else "roi")
         log.debug("rendered %s p%d in %.3f s", w.doc_key, w.index + 1, img.render_seconds)
-        if img.blank:
+        if img.blank and w.phase != "roi":
             self._page_done(
                 w,
                 PageResult(
@@ -394,6 +427,10 @@ class Pipeline:
         from postprocess import detect_degenerate
 
         cfg = self.cfg
+        if w.phase == "roi":
+            bad = out.error or detect_degenerate(out.text, stopped_by_eos=out.stopped_by_eos)
+            self._roi_reading(w, None if bad else out.text, bad or "", out.seconds)
+            return None
         w.seconds += out.seconds
         reason: str | None
         if out.error:
@@ -426,7 +463,7 @@ class Pipeline:
                 w.provisional = result
                 if self._queue_large(w, f"missing required label {missing!r}", engine):
                     return None
-            self._page_done(w, result)
+            self._accept(w, result, out)
             return None
         w.reasons.append(reason)
         if w.phase == "main" and out.error is None and len(w.attempts) <= len(cfg.retry_temperatures):
@@ -532,13 +569,100 @@ class Pipeline:
         if prov is not None and w.large_reason.startswith("missing required label"):
             if any(r.label == "table" for r in cleaned.regions) or "<table" in cleaned.markdown:
                 self.stats.large_improved += 1
-                self._page_done(w, self._result(w, PageStatus.LARGE_OK, out, cleaned))
+                self._accept(w, self._result(w, PageStatus.LARGE_OK, out, cleaned), out)
             else:
-                self._page_done(w, dataclasses.replace(prov, notes=(*prov.notes, "large pass did not find the label")))
+                self._accept(w, dataclasses.replace(prov, notes=(*prov.notes, "large pass did not find the label")),
+                             None)
             return None
         self.stats.large_improved += 1
-        self._page_done(w, self._result(w, PageStatus.LARGE_OK, out, cleaned))
+        self._accept(w, self._result(w, PageStatus.LARGE_OK, out, cleaned), out)
         return None
+
+    # ---------------------------------------------------------------- ROI pass
+    def _accept(self, w: _PageWork, result: PageResult, out: EngineOutput | None) -> None:
+        """Settle an accepted page, or park it for the ROI pass when it has regions to re-read."""
+        if self.cfg.roi_pass and self.cfg.mode == "grounded" and out is not None and w.image is not None:
+            from postprocess import PageGeometry, parse_grounding
+
+            img = w.image
+            geom = PageGeometry(img.width, img.height, img.page_width_pt, img.page_height_pt)
+            regions, _ = parse_grounding(out.text, geom)
+            picks = [i for i, r in enumerate(regions)
+                     if r.tagged and r.label in self.cfg.roi_labels and r.boxes_pt][:ROI_MAX_REGIONS]
+            if picks:
+                w.provisional, w.accepted_raw, w.accepted_out = result, out.text, out
+                w.roi_regions, w.roi_pending = regions, len(picks)
+                w.roi_readings = {i: None for i in picks}
+                w.image = None  # crops are rendered afresh at ROI_SCALE; do not hold the page
+                self._states[w.doc_key].waiting_roi[w.index] = w
+                return
+        self._page_done(w, result)
+
+    def _roi_phase(self, engine: Engine, pool: RenderPool, parents: list[_PageWork]) -> Engine:
+        jobs: deque[_PageWork] = deque()
+        for p in parents:
+            for i in p.roi_readings:
+                r = p.roi_regions[i]
+                x0 = min(b[0] for b in r.boxes_pt) - ROI_MARGIN_PT
+                y0 = min(b[1] for b in r.boxes_pt) - ROI_MARGIN_PT
+                x1 = max(b[2] for b in r.boxes_pt) + ROI_MARGIN_PT
+                y1 = max(b[3] for b in r.boxes_pt) + ROI_MARGIN_PT
+                jobs.append(_PageWork(p.doc_key, p.index, "roi", roi_parent=p, roi_index=i,
+                                      clip=(max(0.0, x0), max(0.0, y0), x1, y1)))
+        log.info("ROI pass: %d region(s) on %d page(s)", len(jobs), len(parents))
+        return self._drive(engine, pool, phase="roi", jobs=jobs)
+
+    def _roi_reading(self, job: _PageWork, text: str | None, why: str, seconds: float = 0.0) -> None:
+        parent = job.roi_parent
+        assert parent is not None
+        parent.roi_readings[job.roi_index] = text
+        parent.seconds += seconds
+        if why:
+            parent.reasons.append(f"roi region {job.roi_index}: {why}")
+        parent.roi_pending -= 1
+        if parent.roi_pending == 0:
+            self._roi_merge(parent)
+
+    def _roi_merge(self, w: _PageWork) -> None:
+        """Put the better reading of each re-read region back in reading order and re-clean."""
+        from postprocess import CleanOptions, clean_page, strip_special_tokens
+
+        prov = w.provisional
+        assert prov is not None
+        replaced: list[str] = []
+        parts: list[str] = []
+        for i, r in enumerate(w.roi_regions):
+            text = r.text
+            new = w.roi_readings.get(i)
+            if new is not None:
+                new = strip_special_tokens(new).strip()
+                old_len, new_len = len(r.text.strip()), len(new)
+                # A sharper crop that reads more (but not wildly more: that smells of a loop the
+                # guard did not catch) is better; an empty original is always worse.
+                if new and (old_len == 0 or old_len < new_len <= 3 * max(old_len, 40)):
+                    replaced.append(f"roi: region {i} ({r.label}) replaced: {old_len} -> {new_len} chars")
+                    text = new
+            if r.tagged:
+                boxes = ", ".join(f"[{', '.join(str(v) for v in b)}]" for b in r.boxes)
+                parts.append(f"<|ref|>{r.label}<|/ref|><|det|>[{boxes}]<|/det|>\n{text}\n")
+            else:
+                parts.append(f"{text}\n")
+        st = self._states[w.doc_key]
+        if not replaced:
+            self._page_done(w, dataclasses.replace(prov, notes=(*prov.notes, "roi: no region improved")))
+            return
+        raw = "\n".join(parts)
+        cleaned = clean_page(raw, options=CleanOptions(mode=self.cfg.mode, table_format=self.cfg.table_format))
+        regions = tuple(
+            {"label": r.label, "box_pt": [[round(float(v), 2) for v in b] for b in r.boxes_pt], "text": r.text}
+            for r in cleaned.regions
+        ) if cleaned.regions and all(r.boxes_pt for r in cleaned.regions if r.tagged) else prov.regions
+        self.stats.roi_improved += 1
+        log.info("%s page %d: ROI pass replaced %d region(s)", st.doc.doc_key, w.index + 1, len(replaced))
+        self._page_done(w, dataclasses.replace(
+            prov, status=PageStatus.ROI_IMPROVED, markdown=cleaned.markdown, raw_text=raw, seconds=w.seconds,
+            counters=dict(cleaned.counters), regions=regions, notes=(*prov.notes, *replaced),
+        ))
 
     def _fallback(self, w: _PageWork, reason: str, out: EngineOutput | None) -> PageResult:
         from postprocess import CleanOptions, clean_page

@@ -49,6 +49,7 @@ def build_summary(cfg: RunConfig, docs: list[DocResult], stats: RunStats, wall_s
             "improved": stats.retries_improved,
             "large_pass": stats.large_pass,
             "large_improved": stats.large_improved,
+            "roi_improved": stats.roi_improved,
         },
         "engine_restarts": stats.engine_restarts,
         "pages_resubmitted": stats.resubmitted,

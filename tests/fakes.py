@@ -79,6 +79,10 @@ class FakeEngine:
 
     def _answer(self, req: PageRequest) -> str:
         key = self._key(req)
+        if req.prompt_mode in ("roi", "markdown"):  # ROI crops: plain reading of the region
+            return (f"Sharper reading of a region of page {req.image.page_index + 1} "
+                    f"({req.image.width}x{req.image.height} px), with more words: alpha beta gamma delta "
+                    f"epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau.{EOS}")
         if key in self.loop_all_attempts_in_base and self.resolution != "large":
             return loop_text()
         if req.attempt < self.loop_pages.get(key, 0):

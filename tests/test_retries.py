@@ -138,3 +138,29 @@ def test_random_faults_account_for_every_page(tmp_path, run_fake, seed):
                 assert r["status"] == "retried_ok"
             else:
                 assert r["status"] in ("large_ok", "fallback_text_layer")
+
+
+def test_roi_pass_rereads_regions_from_sharper_crops(tmp_path, run_fake):
+    src = tmp_path / "in"
+    pdfgen.text_pdf(src / "a.pdf", pages=2)
+    code, out, factory = run_fake(src, "--mode", "grounded", "--roi-pass", "--no-large-pass")
+    assert code == 0
+    recs = _recs(out, "a")
+    assert [r["status"] for r in recs] == ["roi_improved", "roi_improved"]
+    assert any(n.startswith("roi: region 0 (text) replaced") for n in recs[0]["notes"])
+    md = (out / "a.md").read_text()
+    assert "Sharper reading of a region of page 1" in md and "Sharper reading of a region of page 2" in md
+    roi_seen = [s for e in factory.engines for s in e.seen if s.prompt_mode == "roi"]
+    assert len(roi_seen) == 2
+    # regions of grounded output stay well-formed and in PDF points
+    regions = [json.loads(x) for x in (out / "a.regions.jsonl").read_text().splitlines()]
+    assert regions and all(len(r["box_pt"][0]) == 4 for r in regions)
+    summary = json.loads((out / "_run_summary.json").read_text())
+    assert summary["retries"]["roi_improved"] == 2
+
+
+def test_roi_pass_off_in_clean_mode(tmp_path, run_fake):
+    src = tmp_path / "in"
+    pdfgen.text_pdf(src / "a.pdf", pages=1)
+    code, out, factory = run_fake(src, "--roi-pass")
+    assert code == 0 and _recs(out, "a")[0]["status"] == "ok"
