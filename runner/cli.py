@@ -267,8 +267,7 @@ def run(cfg: RunConfig, log_file: str) -> int:
     try:
         engine = create_engine(cfg)
     except EngineUnavailable as e:
-        print(f"error: {e}", file=sys.stderr)
-        log.error("%s", e)
+        log.error("%s", e)  # to the console and the log file
         return EXIT_ENGINE
     progress = Progress(len(docs), cfg.progress if cfg.progress != "none" else "log",
                         log_every_s=10.0 if cfg.progress != "none" else 1e9)
@@ -277,7 +276,7 @@ def run(cfg: RunConfig, log_file: str) -> int:
         results = pipe.run(docs, engine=engine)
     except EngineUnavailable as e:
         progress.close()
-        print(f"error: {e}", file=sys.stderr)
+        log.error("%s", e)
         return EXIT_ENGINE
     finally:
         progress.close()

@@ -770,8 +770,9 @@ class Pipeline:
         seconds = time.perf_counter() - st.started
         src = self.inputs.uri(d.rel)
         if status == "ok":
-            log.info("done %s → %s.md (%d pages, %.1f s)%s", src, stem, len(pages), seconds,
-                     f"; {failed} page(s) failed" if failed else "")
+            render_avg = sum(p.render_seconds for p in pages) / max(1, len(pages))
+            log.info("done %s → %s.md (%d pages, %.1f s, render %.3f s/page)%s", src, stem, len(pages), seconds,
+                     render_avg, f"; {failed} page(s) failed" if failed else "")
         else:
             log.error("FAILED %s: %s", src, error)
         self.doc_results.append(
