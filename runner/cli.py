@@ -21,7 +21,7 @@ log = logging.getLogger("runner")
 
 def build_parser(default_engine: str = "vllm") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="run_pdf_ocr_vllm.py",
+        prog=os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else "python -m runner",
         description="Convert PDFs to Markdown with DeepSeek-OCR / DeepSeek-OCR-2 (vLLM), Transformers, "
         "or the PDF's own text layer.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -75,7 +75,9 @@ def build_parser(default_engine: str = "vllm") -> argparse.ArgumentParser:
 
     en = p.add_argument_group("model engine (vllm, hf)")
     d = EngineConfig()
-    en.add_argument("--model", default=d.model, help="hub id or local folder")
+    en.add_argument("--model", default=d.model,
+                    help="hub id or local folder (--engine hf runs DeepSeek-OCR-2 only: Transformers has no "
+                         "native DeepSeek-OCR v1)")
     en.add_argument("--resolution", help="tiny|small|base|large|gundam (OCR-2: base|gundam); default gundam")
     en.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype)
     en.add_argument("--enable-fp8-weights", action="store_true", help="fp8 weight quantization (vLLM)")
