@@ -50,7 +50,9 @@ def _gray_from_pixmap(pix: Any) -> np.ndarray:
     return arr[..., 0]
 
 
-def detect_blank(page: Any, pix: Any | None, text: str, threshold: float = DEFAULT_THRESHOLD) -> tuple[bool, str]:
+def detect_blank(
+    page: Any, pix: Any | None, text: str, threshold: float = DEFAULT_THRESHOLD
+) -> tuple[bool, str]:
     """(is_blank, reason) for a PyMuPDF page; ``pix`` is its render if one was made."""
     if text.strip():
         return False, "text"

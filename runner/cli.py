@@ -21,7 +21,9 @@ log = logging.getLogger("runner")
 
 def build_parser(default_engine: str = "vllm") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else "python -m runner",
+        prog=os.path.basename(sys.argv[0])
+        if sys.argv and sys.argv[0].endswith(".py")
+        else "python -m runner",
         description="Convert PDFs to Markdown with DeepSeek-OCR / DeepSeek-OCR-2 (vLLM), Transformers, "
         "or the PDF's own text layer.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -30,20 +32,36 @@ def build_parser(default_engine: str = "vllm") -> argparse.ArgumentParser:
     io.add_argument("--input-dir", help="folder (searched recursively) or s3://bucket/prefix with PDFs")
     io.add_argument("--input-list", help="file with one PDF path per line")
     io.add_argument("--output-dir", required=True, help="output folder or s3://bucket/prefix")
-    io.add_argument("--mode", choices=MODES, default="clean",
-                    help="clean: Markdown only; grounded: keep labels and boxes, write <stem>.regions.jsonl")
-    io.add_argument("--engine", choices=ENGINES, default=default_engine,
-                    help="vllm: GPU; hf: Transformers (GPU or CPU); text: the PDF's own text layer, no model")
+    io.add_argument(
+        "--mode",
+        choices=MODES,
+        default="clean",
+        help="clean: Markdown only; grounded: keep labels and boxes, write <stem>.regions.jsonl",
+    )
+    io.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=default_engine,
+        help="vllm: GPU; hf: Transformers (GPU or CPU); text: the PDF's own text layer, no model",
+    )
     io.add_argument("--dpi", type=float, default=144.0)
     io.add_argument("--max-pages", type=int, help="only the first N pages of each PDF")
-    io.add_argument("--batch-pages", type=int, default=None,
-                    help="pages in flight (rendering + engine); default 512 for vllm, 16 otherwise")
+    io.add_argument(
+        "--batch-pages",
+        type=int,
+        default=None,
+        help="pages in flight (rendering + engine); default 512 for vllm, 16 otherwise",
+    )
     io.add_argument("--force", action="store_true", help="redo PDFs that already have a done marker")
     io.add_argument("--log-file", help="default: tmp_pdf_runs/logs/run-<time>.log")
     io.add_argument("--password", help="password for encrypted PDFs (never logged); or env PDF_PASSWORD")
     io.add_argument("--table-format", choices=("html", "markdown"), default="html")
-    io.add_argument("--assets", choices=("none", "figures", "pages"), default="none",
-                    help="save figure crops (and page images) into <stem>_assets/")
+    io.add_argument(
+        "--assets",
+        choices=("none", "figures", "pages"),
+        default="none",
+        help="save figure crops (and page images) into <stem>_assets/",
+    )
     io.add_argument("--report", action="store_true", help="write <stem>.review.html and _run.html")
     io.add_argument("--progress", choices=("auto", "bar", "log", "none"), default="auto")
     io.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS default)")
@@ -51,21 +69,32 @@ def build_parser(default_engine: str = "vllm") -> argparse.ArgumentParser:
     rd = p.add_argument_group("rendering and isolation")
     rd.add_argument("--render-workers", type=int, default=None, help="default: min(8, CPUs)")
     rd.add_argument("--render-timeout", type=float, default=60.0, help="seconds per page")
-    rd.add_argument("--render-memory-mb", type=int, default=4096, help="memory limit per render worker (0 = none)")
+    rd.add_argument(
+        "--render-memory-mb", type=int, default=4096, help="memory limit per render worker (0 = none)"
+    )
     rd.add_argument("--max-page-pixels", type=int, default=40_000_000, help="pages above this are too_large")
-    rd.add_argument("--blank-threshold", type=float, default=2e-5, help="ink fraction under which a page is blank")
+    rd.add_argument(
+        "--blank-threshold", type=float, default=2e-5, help="ink fraction under which a page is blank"
+    )
 
     rt = p.add_argument_group("retries and fallbacks")
     rt.add_argument("--retries", type=int, default=2, help="retries of a looping page (temperature schedule)")
     rt.add_argument("--retry-temperatures", default="0.2,0.5", help="temperature per retry, comma separated")
     rt.add_argument("--no-large-pass", action="store_true", help="no second phase in Large mode")
     rt.add_argument("--retry-large-cap", type=int, default=1000, help="max pages sent to the Large pass")
-    rt.add_argument("--required-labels", default="table",
-                    help="labels a page must yield when the PDF shows them (comma separated; '' = none)")
+    rt.add_argument(
+        "--required-labels",
+        default="table",
+        help="labels a page must yield when the PDF shows them (comma separated; '' = none)",
+    )
     rt.add_argument("--roi-pass", action="store_true", help="grounded runs: re-read selected regions sharper")
     rt.add_argument("--roi-labels", default="table,title,text")
-    rt.add_argument("--max-page-error-rate", type=float, default=0.01,
-                    help="a PDF with a larger share of failed pages counts as failed")
+    rt.add_argument(
+        "--max-page-error-rate",
+        type=float,
+        default=0.01,
+        help="a PDF with a larger share of failed pages counts as failed",
+    )
     rt.add_argument("--engine-restarts", type=int, default=2, help="restarts of a dead engine per run")
 
     sc = p.add_argument_group("scale-out")
@@ -75,9 +104,12 @@ def build_parser(default_engine: str = "vllm") -> argparse.ArgumentParser:
 
     en = p.add_argument_group("model engine (vllm, hf)")
     d = EngineConfig()
-    en.add_argument("--model", default=d.model,
-                    help="hub id or local folder (--engine hf runs DeepSeek-OCR-2 only: Transformers has no "
-                         "native DeepSeek-OCR v1)")
+    en.add_argument(
+        "--model",
+        default=d.model,
+        help="hub id or local folder (--engine hf runs DeepSeek-OCR-2 only: Transformers has no "
+        "native DeepSeek-OCR v1)",
+    )
     en.add_argument("--resolution", help="tiny|small|base|large|gundam (OCR-2: base|gundam); default gundam")
     en.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype)
     en.add_argument("--enable-fp8-weights", action="store_true", help="fp8 weight quantization (vLLM)")
@@ -106,7 +138,7 @@ def _split(s: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in s.split(",") if x.strip())
 
 
-def _discover(args: argparse.Namespace) -> tuple[str, list[str]]:
+def discover_inputs(args: argparse.Namespace) -> tuple[str, list[str]]:
     """(input root, relative paths of the PDFs)."""
     from runner.naming import common_root, read_input_list
     from runner.storage import open_storage
@@ -132,29 +164,62 @@ def config_from_args(args: argparse.Namespace, inputs: tuple[str, ...], root: st
     if args.retries > len(temps) and temps:
         temps = temps + (temps[-1],) * (args.retries - len(temps))
     ec = EngineConfig(
-        model=args.model, resolution=args.resolution, kv_cache_dtype=args.kv_cache_dtype,
-        enable_fp8_weights=args.enable_fp8_weights, quantization=args.quantization,
-        gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
-        max_model_len=args.max_model_len, max_tokens=args.max_tokens,
-        tensor_parallel_size=args.tensor_parallel_size, mm_encoder_tp_mode=args.mm_encoder_tp_mode,
-        seed=args.seed, ngram_size=args.ngram_size, ngram_window=args.ngram_window, guard=not args.no_guard,
-        load_format=args.load_format, ignore_eos=args.ignore_eos, cache_dir=args.cache_dir,
-        profile=args.profile, cpu_offload_gb=args.cpu_offload_gb, hf_batch_size=args.hf_batch_size,
+        model=args.model,
+        resolution=args.resolution,
+        kv_cache_dtype=args.kv_cache_dtype,
+        enable_fp8_weights=args.enable_fp8_weights,
+        quantization=args.quantization,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len,
+        max_tokens=args.max_tokens,
+        tensor_parallel_size=args.tensor_parallel_size,
+        mm_encoder_tp_mode=args.mm_encoder_tp_mode,
+        seed=args.seed,
+        ngram_size=args.ngram_size,
+        ngram_window=args.ngram_window,
+        guard=not args.no_guard,
+        load_format=args.load_format,
+        ignore_eos=args.ignore_eos,
+        cache_dir=args.cache_dir,
+        profile=args.profile,
+        cpu_offload_gb=args.cpu_offload_gb,
+        hf_batch_size=args.hf_batch_size,
         device=args.device,
     )
     batch = args.batch_pages or (512 if args.engine == "vllm" else 16)
     workers = args.render_workers or max(1, min(8, os.cpu_count() or 1))
     return RunConfig(
-        inputs=inputs, input_root=root, output_dir=args.output_dir, mode=args.mode, engine=args.engine,
-        dpi=args.dpi, max_pages=args.max_pages, batch_pages=batch, force=args.force, log_file=args.log_file,
-        password=args.password or os.environ.get("PDF_PASSWORD") or None, render_workers=workers,
-        render_timeout_s=args.render_timeout, render_memory_mb=args.render_memory_mb,
-        max_page_pixels=args.max_page_pixels, blank_ink_threshold=args.blank_threshold,
-        table_format=args.table_format, assets=args.assets, retry_temperatures=temps,
-        retry_large=not args.no_large_pass, retry_large_cap=args.retry_large_cap,
-        required_labels=_split(args.required_labels), roi_pass=args.roi_pass, roi_labels=_split(args.roi_labels),
-        max_page_error_rate=args.max_page_error_rate, engine_restarts=args.engine_restarts,
-        num_shards=args.num_shards, shard_index=args.shard_index, report=args.report, progress=args.progress,
+        inputs=inputs,
+        input_root=root,
+        output_dir=args.output_dir,
+        mode=args.mode,
+        engine=args.engine,
+        dpi=args.dpi,
+        max_pages=args.max_pages,
+        batch_pages=batch,
+        force=args.force,
+        log_file=args.log_file,
+        password=args.password or os.environ.get("PDF_PASSWORD") or None,
+        render_workers=workers,
+        render_timeout_s=args.render_timeout,
+        render_memory_mb=args.render_memory_mb,
+        max_page_pixels=args.max_page_pixels,
+        blank_ink_threshold=args.blank_threshold,
+        table_format=args.table_format,
+        assets=args.assets,
+        retry_temperatures=temps,
+        retry_large=not args.no_large_pass,
+        retry_large_cap=args.retry_large_cap,
+        required_labels=_split(args.required_labels),
+        roi_pass=args.roi_pass,
+        roi_labels=_split(args.roi_labels),
+        max_page_error_rate=args.max_page_error_rate,
+        engine_restarts=args.engine_restarts,
+        num_shards=args.num_shards,
+        shard_index=args.shard_index,
+        report=args.report,
+        progress=args.progress,
         engine_config=ec,
     )
 
@@ -219,7 +284,7 @@ def main(argv: list[str] | None = None, *, default_engine: str = "vllm") -> int:
     log_file = setup_logging(args.log_file, quiet_console=args.progress == "bar")
     log.info("command: %s", " ".join(_redacted_argv(argv)))
     try:
-        root, rels = _discover(args)
+        root, rels = discover_inputs(args)
         cfg = config_from_args(args, tuple(rels), root)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -271,8 +336,11 @@ def run(cfg: RunConfig, log_file: str) -> int:
     except EngineUnavailable as e:
         log.error("%s", e)  # to the console and the log file
         return EXIT_ENGINE
-    progress = Progress(len(docs), cfg.progress if cfg.progress != "none" else "log",
-                        log_every_s=10.0 if cfg.progress != "none" else 1e9)
+    progress = Progress(
+        len(docs),
+        cfg.progress if cfg.progress != "none" else "log",
+        log_every_s=10.0 if cfg.progress != "none" else 1e9,
+    )
     pipe = Pipeline(cfg, create_engine, inputs, outputs, progress)
     try:
         results = pipe.run(docs, engine=engine)
@@ -282,8 +350,11 @@ def run(cfg: RunConfig, log_file: str) -> int:
         return EXIT_ENGINE
     finally:
         progress.close()
-    wall = time.perf_counter() - pipe.stats.t0 if pipe.stats.engine_pages or pipe.stats.pages_done else (
-        time.perf_counter() - t0)
+    wall = (
+        time.perf_counter() - pipe.stats.t0
+        if pipe.stats.engine_pages or pipe.stats.pages_done
+        else (time.perf_counter() - t0)
+    )
     extra["log_file"] = log_file
     summary = build_summary(cfg, results, pipe.stats, wall, extra)
     name = summary_name(cfg)
@@ -291,8 +362,10 @@ def run(cfg: RunConfig, log_file: str) -> int:
     if cfg.report:
         from runner.report import render_run_dashboard
 
-        outputs.write_bytes(name.replace("_run_summary", "_run").replace(".json", ".html"),
-                            render_run_dashboard(summary).encode("utf-8"))
+        outputs.write_bytes(
+            name.replace("_run_summary", "_run").replace(".json", ".html"),
+            render_run_dashboard(summary).encode("utf-8"),
+        )
     if cfg.progress != "none":
         print_summary(summary, outputs.uri(name))
     failed = summary["files"].get("failed", 0)

@@ -43,8 +43,15 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if not 0.05 <= self.gpu_memory_utilization <= 1.0:
             raise ConfigError("--gpu-memory-utilization must be in [0.05, 1.0]")
-        for name in ("max_num_seqs", "max_model_len", "max_tokens", "tensor_parallel_size", "ngram_size",
-                     "ngram_window", "hf_batch_size"):
+        for name in (
+            "max_num_seqs",
+            "max_model_len",
+            "max_tokens",
+            "tensor_parallel_size",
+            "ngram_size",
+            "ngram_window",
+            "hf_batch_size",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         if self.ngram_window < self.ngram_size:

@@ -143,7 +143,9 @@ class Pipeline:
         for d in docs:
             if not self.cfg.force and self.outputs.exists(d.output_stem + ".done"):
                 log.info("skip (done marker exists): %s", self.inputs.uri(d.rel))
-                self.doc_results.append(DocResult(d.doc_key, self.inputs.uri(d.rel), d.output_stem, "skipped"))
+                self.doc_results.append(
+                    DocResult(d.doc_key, self.inputs.uri(d.rel), d.output_stem, "skipped")
+                )
                 self.progress.doc_skipped()
             else:
                 todo.append(d)
@@ -192,7 +194,9 @@ class Pipeline:
         self._task_ids += 1
         return self._task_ids
 
-    def _drive(self, engine: Engine, pool: RenderPool, phase: str, jobs: deque[_PageWork] | None = None) -> Engine:
+    def _drive(
+        self, engine: Engine, pool: RenderPool, phase: str, jobs: deque[_PageWork] | None = None
+    ) -> Engine:
         """Run the render → engine loop until every scheduled page has a record (or waits for Large)."""
         cfg = self.cfg
         render_jobs: deque[_PageWork] = jobs if jobs is not None else deque()
@@ -218,14 +222,18 @@ class Pipeline:
                         pool.submit(t)
                 # schedule pages of opened documents, in document order
                 for st in self._states.values():
-                    while st.page_count is not None and st.next_page < st.todo and len(render_jobs) < cfg.batch_pages:
+                    while (
+                        st.page_count is not None
+                        and st.next_page < st.todo
+                        and len(render_jobs) < cfg.batch_pages
+                    ):
                         render_jobs.append(_PageWork(st.doc.doc_key, st.next_page, phase))
                         st.next_page += 1
             # 2. feed the render pool within the window
             while render_jobs and in_flight() < cfg.batch_pages:
                 w = render_jobs.popleft()
                 st = self._states[w.doc_key]
-                t = RenderTask(
+                rt = RenderTask(
                     task_id=self._next_id(),
                     doc_key=w.doc_key,
                     path=st.local_path,
@@ -241,8 +249,8 @@ class Pipeline:
                     scale=ROI_SCALE if w.phase == "roi" else 1.0,
                     clip=w.clip,
                 )
-                rendering[t.task_id] = w
-                pool.submit(t)
+                rendering[rt.task_id] = w
+                pool.submit(rt)
             # 3. collect rendered pages and opened documents
             busy_engine = engine.pending() > 0
             for res in pool.collect(timeout=0.0 if busy_engine else 0.05):
@@ -271,8 +279,9 @@ class Pipeline:
                         in_engine[retry.request_id] = (w, retry)
                         engine.submit([retry])
             # 5. write finished documents
-            for st in [s for s in self._states.values()
-                       if s.complete and not s.waiting_large and not s.waiting_roi]:
+            for st in [
+                s for s in self._states.values() if s.complete and not s.waiting_large and not s.waiting_roi
+            ]:
                 self._finish_doc(st)
             now = time.perf_counter()
             if now - last_tick >= 1.0:
@@ -294,10 +303,17 @@ class Pipeline:
         for st in list(self._states.values()):
             for i in range(st.todo):
                 if i not in st.results:
-                    log.error("internal error: %s page %d has no result; recorded as failed", st.doc.doc_key, i + 1)
+                    log.error(
+                        "internal error: %s page %d has no result; recorded as failed", st.doc.doc_key, i + 1
+                    )
                     st.results[i] = PageResult(
-                        page=i + 1, status=PageStatus.FAILED, engine=self._engine_name,
-                        markdown="[[OCR failed: internal error]]", raw_text="", seconds=0.0, render_seconds=0.0,
+                        page=i + 1,
+                        status=PageStatus.FAILED,
+                        engine=self._engine_name,
+                        markdown="[[OCR failed: internal error]]",
+                        raw_text="",
+                        seconds=0.0,
+                        render_seconds=0.0,
                         error="internal error: page was never settled",
                     )
             st.waiting_large.clear()
@@ -312,7 +328,7 @@ class Pipeline:
         stack = contextlib.ExitStack()
         try:
             local = stack.enter_context(self.inputs.local_path(d.rel))
-        except Exception as e:  # noqa: BLE001 - storage errors are per-file errors
+        except Exception as e:
             stack.close()
             self._record_failed(d, f"cannot read input: {type(e).__name__}: {e}")
             return None
@@ -325,7 +341,9 @@ class Pipeline:
     def _on_opened(self, st: _DocState, res: TaskResult) -> None:
         src = self.inputs.uri(st.doc.rel)
         if res.kind != "ok":
-            kind = {"password": "encrypted", "timeout": "open timeout", "crash": "open crashed"}.get(res.kind, "")
+            kind = {"password": "encrypted", "timeout": "open timeout", "crash": "open crashed"}.get(
+                res.kind, ""
+            )
             msg = f"{kind}: {res.message}" if kind and kind not in res.message else res.message
             self._fail_doc(st, f"cannot open PDF: {msg}")
             return
@@ -343,13 +361,17 @@ class Pipeline:
     def _fail_doc(self, st: _DocState, error: str) -> None:
         self._states.pop(st.doc.doc_key, None)
         st.stack.close()
-        self._record_failed(st.doc, error, seconds=time.perf_counter() - st.started, num_pages=st.page_count or 0)
+        self._record_failed(
+            st.doc, error, seconds=time.perf_counter() - st.started, num_pages=st.page_count or 0
+        )
 
     def _record_failed(self, d: InputDoc, error: str, seconds: float = 0.0, num_pages: int = 0) -> None:
         src = self.inputs.uri(d.rel)
         log.error("FAILED %s: %s", src, error)
         self.doc_results.append(
-            DocResult(d.doc_key, src, d.output_stem, "failed", error=error, seconds=seconds, num_pages=num_pages)
+            DocResult(
+                d.doc_key, src, d.output_stem, "failed", error=error, seconds=seconds, num_pages=num_pages
+            )
         )
         self.progress.doc_done(ok=False)
 
@@ -380,8 +402,14 @@ class Pipeline:
             self._page_done(
                 w,
                 PageResult(
-                    page=w.index + 1, status=status, engine="render", markdown=f"[[Page not rendered: {status.value}]]",
-                    raw_text="", seconds=0.0, render_seconds=res.seconds, error=res.message,
+                    page=w.index + 1,
+                    status=status,
+                    engine="render",
+                    markdown=f"[[Page not rendered: {status.value}]]",
+                    raw_text="",
+                    seconds=0.0,
+                    render_seconds=res.seconds,
+                    error=res.message,
                 ),
             )
             return None
@@ -392,15 +420,24 @@ class Pipeline:
             assert w.roi_parent is not None
             label = w.roi_parent.roi_regions[w.roi_index].label
             self._req_ids += 1
-            return PageRequest(request_id=f"roi-{self._req_ids}", image=img,
-                               prompt_mode="markdown" if label == "table" else "roi")
+            return PageRequest(
+                request_id=f"roi-{self._req_ids}",
+                image=img,
+                prompt_mode="markdown" if label == "table" else "roi",
+            )
         log.debug("rendered %s p%d in %.3f s", w.doc_key, w.index + 1, img.render_seconds)
         if img.blank and w.phase != "roi":
             self._page_done(
                 w,
                 PageResult(
-                    page=w.index + 1, status=PageStatus.BLANK, engine="blank-detector", markdown=BLANK_STUB,
-                    raw_text="", seconds=0.0, render_seconds=img.render_seconds, notes=(img.blank_reason,),
+                    page=w.index + 1,
+                    status=PageStatus.BLANK,
+                    engine="blank-detector",
+                    markdown=BLANK_STUB,
+                    raw_text="",
+                    seconds=0.0,
+                    render_seconds=img.render_seconds,
+                    notes=(img.blank_reason,),
                 ),
             )
             return None
@@ -422,7 +459,9 @@ class Pipeline:
             temperature=temperature,
         )
 
-    def _on_output(self, w: _PageWork, req: PageRequest, out: EngineOutput, engine: Engine) -> PageRequest | None:
+    def _on_output(
+        self, w: _PageWork, req: PageRequest, out: EngineOutput, engine: Engine
+    ) -> PageRequest | None:
         """Judge one engine output. Returns a retry request, or None when the page is settled."""
         from postprocess import detect_degenerate
 
@@ -441,9 +480,15 @@ class Pipeline:
             reason = None
         w.attempts.append(
             Attempt(
-                attempt=req.attempt, temperature=req.temperature, resolution=getattr(engine, "resolution", None),
-                finish_reason=out.finish_reason, stopped_by_eos=out.stopped_by_eos, output_tokens=out.output_tokens,
-                seconds=round(out.seconds, 4), degenerate=reason, error=out.error,
+                attempt=req.attempt,
+                temperature=req.temperature,
+                resolution=getattr(engine, "resolution", None),
+                finish_reason=out.finish_reason,
+                stopped_by_eos=out.stopped_by_eos,
+                output_tokens=out.output_tokens,
+                seconds=round(out.seconds, 4),
+                degenerate=reason,
+                error=out.error,
             )
         )
         if req.attempt == 0 and w.phase == "main":
@@ -453,7 +498,8 @@ class Pipeline:
         if reason is None:
             cleaned = self._clean(w, out.text)
             if w.phase == "large":
-                return self._settle_large(w, out, cleaned)
+                self._settle_large(w, out, cleaned)
+                return None
             status = PageStatus.OK if req.attempt == 0 else PageStatus.RETRIED_OK
             if req.attempt > 0:
                 self.stats.retries_improved += 1
@@ -469,7 +515,9 @@ class Pipeline:
         if w.phase == "main" and out.error is None and len(w.attempts) <= len(cfg.retry_temperatures):
             temp = cfg.retry_temperatures[len(w.attempts) - 1]
             self.stats.retries_attempted += 1
-            log.info("retry %s p%d (attempt %d, T=%.2f): %s", w.doc_key, w.index + 1, len(w.attempts), temp, reason)
+            log.info(
+                "retry %s p%d (attempt %d, T=%.2f): %s", w.doc_key, w.index + 1, len(w.attempts), temp, reason
+            )
             return self._request(w, len(w.attempts), temp)
         if w.phase == "main" and self._queue_large(w, reason, engine):
             return None
@@ -483,8 +531,12 @@ class Pipeline:
         assert img is not None
         geom = PageGeometry(img.width, img.height, img.page_width_pt, img.page_height_pt)
         link = self._figure_linker(w) if self.cfg.assets != "none" and img.pixels else None
-        return clean_page(raw, options=CleanOptions(mode=self.cfg.mode, table_format=self.cfg.table_format),
-                          geometry=geom, figure_link=link)
+        return clean_page(
+            raw,
+            options=CleanOptions(mode=self.cfg.mode, table_format=self.cfg.table_format),
+            geometry=geom,
+            figure_link=link,
+        )
 
     def _figure_linker(self, w: _PageWork) -> Callable[[int, tuple[int, int, int, int]], str | None]:
         st = self._states[w.doc_key]
@@ -511,8 +563,11 @@ class Pipeline:
         regions: tuple[dict[str, Any], ...] = ()
         if self.cfg.mode == "grounded":
             regions = tuple(
-                {"label": r.label, "box_pt": [list(map(lambda v: round(float(v), 2), b)) for b in r.boxes_pt],
-                 "text": r.text}
+                {
+                    "label": r.label,
+                    "box_pt": [list(map(lambda v: round(float(v), 2), b)) for b in r.boxes_pt],
+                    "text": r.text,
+                }
                 for r in cleaned.regions
             )
         if self.cfg.assets == "pages" and w.image is not None and w.image.pixels:
@@ -520,8 +575,9 @@ class Pipeline:
 
             buf = io.BytesIO()
             w.image.to_pil().save(buf, format="PNG")
-            self.outputs.write_bytes(f"{self._states[w.doc_key].doc.output_stem}_assets/p{w.index + 1:04d}.png",
-                                     buf.getvalue())
+            self.outputs.write_bytes(
+                f"{self._states[w.doc_key].doc.output_stem}_assets/p{w.index + 1:04d}.png", buf.getvalue()
+            )
         return PageResult(
             page=w.index + 1,
             status=status,
@@ -531,7 +587,8 @@ class Pipeline:
             seconds=w.seconds,
             render_seconds=w.render_seconds,
             prompt_tokens=out.prompt_tokens if out else None,
-            output_tokens=sum(a.output_tokens or 0 for a in w.attempts) or (out.output_tokens if out else None),
+            output_tokens=sum(a.output_tokens or 0 for a in w.attempts)
+            or (out.output_tokens if out else None),
             finish_reason=out.finish_reason if out else None,
             stopped_by_eos=out.stopped_by_eos if out else None,
             attempts=tuple(w.attempts),
@@ -571,8 +628,11 @@ class Pipeline:
                 self.stats.large_improved += 1
                 self._accept(w, self._result(w, PageStatus.LARGE_OK, out, cleaned), out)
             else:
-                self._accept(w, dataclasses.replace(prov, notes=(*prov.notes, "large pass did not find the label")),
-                             None)
+                self._accept(
+                    w,
+                    dataclasses.replace(prov, notes=(*prov.notes, "large pass did not find the label")),
+                    None,
+                )
             return None
         self.stats.large_improved += 1
         self._accept(w, self._result(w, PageStatus.LARGE_OK, out, cleaned), out)
@@ -587,8 +647,9 @@ class Pipeline:
             img = w.image
             geom = PageGeometry(img.width, img.height, img.page_width_pt, img.page_height_pt)
             regions, _ = parse_grounding(out.text, geom)
-            picks = [i for i, r in enumerate(regions)
-                     if r.tagged and r.label in self.cfg.roi_labels and r.boxes_pt][:ROI_MAX_REGIONS]
+            picks = [
+                i for i, r in enumerate(regions) if r.tagged and r.label in self.cfg.roi_labels and r.boxes_pt
+            ][:ROI_MAX_REGIONS]
             if picks:
                 w.provisional, w.accepted_raw, w.accepted_out = result, out.text, out
                 w.roi_regions, w.roi_pending = regions, len(picks)
@@ -607,8 +668,16 @@ class Pipeline:
                 y0 = min(b[1] for b in r.boxes_pt) - ROI_MARGIN_PT
                 x1 = max(b[2] for b in r.boxes_pt) + ROI_MARGIN_PT
                 y1 = max(b[3] for b in r.boxes_pt) + ROI_MARGIN_PT
-                jobs.append(_PageWork(p.doc_key, p.index, "roi", roi_parent=p, roi_index=i,
-                                      clip=(max(0.0, x0), max(0.0, y0), x1, y1)))
+                jobs.append(
+                    _PageWork(
+                        p.doc_key,
+                        p.index,
+                        "roi",
+                        roi_parent=p,
+                        roi_index=i,
+                        clip=(max(0.0, x0), max(0.0, y0), x1, y1),
+                    )
+                )
         log.info("ROI pass: %d region(s) on %d page(s)", len(jobs), len(parents))
         return self._drive(engine, pool, phase="roi", jobs=jobs)
 
@@ -652,17 +721,36 @@ class Pipeline:
             self._page_done(w, dataclasses.replace(prov, notes=(*prov.notes, "roi: no region improved")))
             return
         raw = "\n".join(parts)
-        cleaned = clean_page(raw, options=CleanOptions(mode=self.cfg.mode, table_format=self.cfg.table_format))
-        regions = tuple(
-            {"label": r.label, "box_pt": [[round(float(v), 2) for v in b] for b in r.boxes_pt], "text": r.text}
-            for r in cleaned.regions
-        ) if cleaned.regions and all(r.boxes_pt for r in cleaned.regions if r.tagged) else prov.regions
+        cleaned = clean_page(
+            raw, options=CleanOptions(mode=self.cfg.mode, table_format=self.cfg.table_format)
+        )
+        regions = (
+            tuple(
+                {
+                    "label": r.label,
+                    "box_pt": [[round(float(v), 2) for v in b] for b in r.boxes_pt],
+                    "text": r.text,
+                }
+                for r in cleaned.regions
+            )
+            if cleaned.regions and all(r.boxes_pt for r in cleaned.regions if r.tagged)
+            else prov.regions
+        )
         self.stats.roi_improved += 1
         log.info("%s page %d: ROI pass replaced %d region(s)", st.doc.doc_key, w.index + 1, len(replaced))
-        self._page_done(w, dataclasses.replace(
-            prov, status=PageStatus.ROI_IMPROVED, markdown=cleaned.markdown, raw_text=raw, seconds=w.seconds,
-            counters=dict(cleaned.counters), regions=regions, notes=(*prov.notes, *replaced),
-        ))
+        self._page_done(
+            w,
+            dataclasses.replace(
+                prov,
+                status=PageStatus.ROI_IMPROVED,
+                markdown=cleaned.markdown,
+                raw_text=raw,
+                seconds=w.seconds,
+                counters=dict(cleaned.counters),
+                regions=regions,
+                notes=(*prov.notes, *replaced),
+            ),
+        )
 
     def _fallback(self, w: _PageWork, reason: str, out: EngineOutput | None) -> PageResult:
         from postprocess import CleanOptions, clean_page
@@ -677,14 +765,24 @@ class Pipeline:
         else:
             status, md, counters = PageStatus.FAILED, f"[[OCR failed: {html.escape(reason)}]]", {}
         src = self.inputs.uri(self._states[w.doc_key].doc.rel)
-        log.warning("%s page %d: %s after %d attempt(s): %s", src, w.index + 1, status.value, len(w.attempts), reason)
+        log.warning(
+            "%s page %d: %s after %d attempt(s): %s", src, w.index + 1, status.value, len(w.attempts), reason
+        )
         return PageResult(
-            page=w.index + 1, status=status, engine=self._engine_name, markdown=md,
-            raw_text=out.text if out else "", seconds=w.seconds, render_seconds=w.render_seconds,
+            page=w.index + 1,
+            status=status,
+            engine=self._engine_name,
+            markdown=md,
+            raw_text=out.text if out else "",
+            seconds=w.seconds,
+            render_seconds=w.render_seconds,
             output_tokens=sum(a.output_tokens or 0 for a in w.attempts) or None,
             finish_reason=out.finish_reason if out else None,
             stopped_by_eos=out.stopped_by_eos if out else None,
-            attempts=tuple(w.attempts), error=reason, counters=counters, notes=tuple(w.reasons),
+            attempts=tuple(w.attempts),
+            error=reason,
+            counters=counters,
+            notes=tuple(w.reasons),
         )
 
     def _large_phase(self, engine: Engine, pool: RenderPool, waiting: list[_PageWork]) -> Engine:
@@ -704,12 +802,19 @@ class Pipeline:
             jobs.append(w)
         return self._drive(large, pool, phase="large", jobs=jobs)
 
-    def _restart_engine(self, engine: Engine, err: Exception, in_engine: dict[str, tuple[_PageWork, PageRequest]]) -> Engine:
+    def _restart_engine(
+        self, engine: Engine, err: Exception, in_engine: dict[str, tuple[_PageWork, PageRequest]]
+    ) -> Engine:
         self.stats.engine_restarts += 1
         if self.stats.engine_restarts > self.cfg.engine_restarts:
             raise FatalEngineError(f"engine died {self.stats.engine_restarts} times; last error: {err}")
-        log.error("engine died (%s); restarting (%d/%d) and resending %d page(s)", err,
-                  self.stats.engine_restarts, self.cfg.engine_restarts, len(in_engine))
+        log.error(
+            "engine died (%s); restarting (%d/%d) and resending %d page(s)",
+            err,
+            self.stats.engine_restarts,
+            self.cfg.engine_restarts,
+            len(in_engine),
+        )
         engine.restart()
         reqs = [req for _, req in in_engine.values()]
         self.stats.resubmitted += len(reqs)
@@ -728,7 +833,8 @@ class Pipeline:
         status = "ok" if rate <= self.cfg.max_page_error_rate else "failed"
         error = None
         if status == "failed":
-            error = f"{failed}/{len(pages)} page(s) failed (> --max-page-error-rate {self.cfg.max_page_error_rate:g})"
+            limit = self.cfg.max_page_error_rate
+            error = f"{failed}/{len(pages)} page(s) failed (> --max-page-error-rate {limit:g})"
         stem = d.output_stem
         try:
             self.outputs.write_bytes(stem + ".md", join_pages([p.markdown for p in pages]).encode("utf-8"))
@@ -741,11 +847,11 @@ class Pipeline:
                 lines.append(safe_dumps(rec))
             self.outputs.write_bytes(stem + ".pages.jsonl", ("\n".join(lines) + "\n").encode("utf-8"))
             if self.cfg.mode == "grounded":
-                reg_lines = [
-                    safe_dumps({"page": p.page, **r}) for p in pages for r in p.regions
-                ]
-                self.outputs.write_bytes(stem + ".regions.jsonl",
-                                         ("\n".join(reg_lines) + ("\n" if reg_lines else "")).encode("utf-8"))
+                reg_lines = [safe_dumps({"page": p.page, **r}) for p in pages for r in p.regions]
+                self.outputs.write_bytes(
+                    stem + ".regions.jsonl",
+                    ("\n".join(reg_lines) + ("\n" if reg_lines else "")).encode("utf-8"),
+                )
             if self.cfg.report:
                 self._write_review(st, pages)
             marker = {
@@ -763,7 +869,7 @@ class Pipeline:
                 self.outputs.write_bytes(stem + ".done", safe_dumps(marker, indent=1).encode("utf-8"))
             else:
                 self.outputs.delete(stem + ".done")
-        except Exception as e:  # noqa: BLE001 - an output error fails this document, not the run
+        except Exception as e:
             status, error = "failed", f"cannot write outputs: {type(e).__name__}: {e}"
         finally:
             st.stack.close()
@@ -771,8 +877,15 @@ class Pipeline:
         src = self.inputs.uri(d.rel)
         if status == "ok":
             render_avg = sum(p.render_seconds for p in pages) / max(1, len(pages))
-            log.info("done %s → %s.md (%d pages, %.1f s, render %.3f s/page)%s", src, stem, len(pages), seconds,
-                     render_avg, f"; {failed} page(s) failed" if failed else "")
+            log.info(
+                "done %s → %s.md (%d pages, %.1f s, render %.3f s/page)%s",
+                src,
+                stem,
+                len(pages),
+                seconds,
+                render_avg,
+                f"; {failed} page(s) failed" if failed else "",
+            )
         else:
             log.error("FAILED %s: %s", src, error)
         self.doc_results.append(

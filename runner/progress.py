@@ -56,7 +56,9 @@ class Progress:
         self.files_done += 1
         self.files_failed += 0 if ok else 1
         if self._bar is not None:
-            self._bar.update(self._files, advance=1, rate=f"{self.files_failed} failed" if self.files_failed else "")
+            self._bar.update(
+                self._files, advance=1, rate=f"{self.files_failed} failed" if self.files_failed else ""
+            )
 
     def add_pages(self, n: int) -> None:
         self.pages_total += n
@@ -74,7 +76,11 @@ class Progress:
             self._last_log = now
             log.info(
                 "progress: files %d/%d, pages %d/%d, %.2f pages/s",
-                self.files_done, self.total_files, self.pages_done, self.pages_total, self._rate(),
+                self.files_done,
+                self.total_files,
+                self.pages_done,
+                self.pages_total,
+                self._rate(),
             )
 
     def close(self) -> None:

@@ -126,9 +126,12 @@ def _do_render(cache: dict[str, Any], t: RenderTask, hook_fn: Any) -> PageImage:
     text = page.get_text("text") if t.clip is None else ""
     pix = None
     if t.want_pixels:
-        pix = page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), alpha=False, clip=t.clip,
-                              colorspace=pymupdf.csRGB)
-    blank, reason = (False, "clip") if t.clip is not None else detect_blank(page, pix, text, t.blank_ink_threshold)
+        pix = page.get_pixmap(
+            matrix=pymupdf.Matrix(zoom, zoom), alpha=False, clip=t.clip, colorspace=pymupdf.csRGB
+        )
+    blank, reason = (
+        (False, "clip") if t.clip is not None else detect_blank(page, pix, text, t.blank_ink_threshold)
+    )
     markdown = None
     if t.want_markdown and not blank:
         markdown = _page_markdown(doc, t.page_index)
@@ -203,7 +206,8 @@ def _has_table(page: Any) -> bool:
     return any(len(ys) >= 3 for ys in groups.values())
 
 
-def _worker_main(conn: Connection, mem_limit_mb: int) -> None:
+def prepare_worker(mem_limit_mb: int) -> None:
+    """Once per worker process, before its first task: memory limit, quiet MuPDF, imports."""
     if mem_limit_mb > 0:
         import resource
 
@@ -216,6 +220,10 @@ def _worker_main(conn: Connection, mem_limit_mb: int) -> None:
     # MuPDF prints warnings about damaged files to stderr; they are reported per file instead.
     pymupdf.TOOLS.mupdf_display_errors(False)
     pymupdf.TOOLS.mupdf_display_warnings(False)
+
+
+def _worker_main(conn: Connection, mem_limit_mb: int) -> None:
+    prepare_worker(mem_limit_mb)
     cache: dict[str, Any] = {}
     hooks: dict[str, Any] = {}
     conn.send("ready")  # start-up (imports) must not count against the first task's time limit
@@ -226,34 +234,46 @@ def _worker_main(conn: Connection, mem_limit_mb: int) -> None:
             return
         if task is None:
             return
-        t0 = time.perf_counter()
-        try:
-            if isinstance(task, OpenTask):
-                payload: Any = _do_open(cache, task)
-            else:
-                hook_fn = None
-                if task.hook is not None:
-                    hook_fn = hooks.get(task.hook[0])
-                    if hook_fn is None:
-                        mod, _, fn = task.hook[0].partition(":")
-                        hook_fn = hooks[task.hook[0]] = getattr(importlib.import_module(mod), fn)
-                payload = _do_render(cache, task, hook_fn)
-            conn.send(TaskResult(task, "ok", payload, "", time.perf_counter() - t0))
-        except _TooLarge as e:
-            conn.send(TaskResult(task, "too_large", None, str(e), time.perf_counter() - t0))
-        except _NeedsPassword as e:
-            conn.send(TaskResult(task, "password", None, str(e), time.perf_counter() - t0))
-        except MemoryError:
-            conn.send(TaskResult(task, "error", None, f"out of memory (worker limit {mem_limit_mb} MB)",
-                                 time.perf_counter() - t0))
-        except Exception as e:  # any parser failure is a per-file/per-page error, reported upstream
-            msg = f"{type(e).__name__}: {e}".strip()
-            conn.send(TaskResult(task, "error", None, msg[:500], time.perf_counter() - t0))
-            # A failing document may be left in a bad state; reopen it next time.
-            doc = cache.pop(task.path, None)
-            if doc is not None:
-                with contextlib.suppress(Exception):
-                    doc.close()
+        conn.send(run_task(task, cache, hooks, mem_limit_mb))
+
+
+def run_task(
+    task: OpenTask | RenderTask, cache: dict[str, Any], hook_fns: dict[str, Any], mem_limit_mb: int = 0
+) -> TaskResult:
+    """Run one task in the current (worker) process; never raises for a per-file failure.
+
+    ``cache`` holds open documents and ``hook_fns`` imported hooks across calls; both belong to the
+    calling worker. Shared by the local worker loop and the Ray executor's render tasks.
+    """
+    t0 = time.perf_counter()
+    try:
+        if isinstance(task, OpenTask):
+            payload: Any = _do_open(cache, task)
+        else:
+            hook_fn = None
+            if task.hook is not None:
+                hook_fn = hook_fns.get(task.hook[0])
+                if hook_fn is None:
+                    mod, _, fn = task.hook[0].partition(":")
+                    hook_fn = hook_fns[task.hook[0]] = getattr(importlib.import_module(mod), fn)
+            payload = _do_render(cache, task, hook_fn)
+        return TaskResult(task, "ok", payload, "", time.perf_counter() - t0)
+    except _TooLarge as e:
+        return TaskResult(task, "too_large", None, str(e), time.perf_counter() - t0)
+    except _NeedsPassword as e:
+        return TaskResult(task, "password", None, str(e), time.perf_counter() - t0)
+    except MemoryError:
+        return TaskResult(
+            task, "error", None, f"out of memory (worker limit {mem_limit_mb} MB)", time.perf_counter() - t0
+        )
+    except Exception as e:  # any parser failure is a per-file/per-page error, reported upstream
+        msg = f"{type(e).__name__}: {e}".strip()
+        # A failing document may be left in a bad state; reopen it next time.
+        doc = cache.pop(task.path, None)
+        if doc is not None:
+            with contextlib.suppress(Exception):
+                doc.close()
+        return TaskResult(task, "error", None, msg[:500], time.perf_counter() - t0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,8 +311,9 @@ class RenderPool:
 
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_worker_main, args=(child, self.mem_limit_mb), daemon=True,
-                                 name="pdf-render")
+        proc = self._ctx.Process(
+            target=_worker_main, args=(child, self.mem_limit_mb), daemon=True, name="pdf-render"
+        )
         proc.start()
         child.close()
         return _Worker(proc, parent)
@@ -360,20 +381,37 @@ class RenderPool:
                     res = w.conn.recv()
                 except (EOFError, OSError):
                     code = w.proc.exitcode
-                    self._done.append(TaskResult(task, "crash", None, _crash_message(code, self.mem_limit_mb),
-                                                 time.monotonic() - w.started))
+                    self._done.append(
+                        TaskResult(
+                            task,
+                            "crash",
+                            None,
+                            _crash_message(code, self.mem_limit_mb),
+                            time.monotonic() - w.started,
+                        )
+                    )
                     self._replace(w)
                     continue
                 w.task = None
                 self._done.append(res)
             elif not w.proc.is_alive():
-                self._done.append(TaskResult(task, "crash", None, _crash_message(w.proc.exitcode, self.mem_limit_mb),
-                                             time.monotonic() - w.started))
+                self._done.append(
+                    TaskResult(
+                        task,
+                        "crash",
+                        None,
+                        _crash_message(w.proc.exitcode, self.mem_limit_mb),
+                        time.monotonic() - w.started,
+                    )
+                )
                 self._replace(w)
             elif time.monotonic() > w.deadline:
                 limit = self.open_timeout_s if isinstance(task, OpenTask) else self.render_timeout_s
-                self._done.append(TaskResult(task, "timeout", None, f"timed out after {limit:g} s",
-                                             time.monotonic() - w.started))
+                self._done.append(
+                    TaskResult(
+                        task, "timeout", None, f"timed out after {limit:g} s", time.monotonic() - w.started
+                    )
+                )
                 self._replace(w)
         self._dispatch()
         out, self._done = self._done, []

@@ -17,8 +17,9 @@ def summary_name(cfg: RunConfig) -> str:
     return "_run_summary.json"
 
 
-def build_summary(cfg: RunConfig, docs: list[DocResult], stats: RunStats, wall_s: float,
-                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_summary(
+    cfg: RunConfig, docs: list[DocResult], stats: RunStats, wall_s: float, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     files = {"ok": 0, "failed": 0, "skipped": 0}
     pages: dict[str, int] = {}
     counters: dict[str, int] = {}
@@ -88,8 +89,11 @@ def print_summary(summary: dict[str, Any], path: str, console_file: Any = None) 
         t.add_row("engine start-up", f"{summary['engine_startup_s']:.1f} s (not in throughput)")
     r = summary["retries"]
     if r["attempted"] or r["large_pass"]:
-        t.add_row("retries", f"{r['attempted']} retried ({r['improved']} fixed), Large pass {r['large_pass']} "
-                             f"({r['large_improved']} improved), loop rate {summary['loop_rate']:.1%}")
+        t.add_row(
+            "retries",
+            f"{r['attempted']} retried ({r['improved']} fixed), Large pass {r['large_pass']} "
+            f"({r['large_improved']} improved), loop rate {summary['loop_rate']:.1%}",
+        )
     if summary.get("engine_restarts"):
         t.add_row("engine restarts", str(summary["engine_restarts"]))
     failed = [d for d in summary["docs"] if d["status"] == "failed"]

@@ -54,10 +54,16 @@ def make_report(path: Path) -> None:
     doc = pymupdf.open()
     _text_page(doc, "1. Introduction", [LOREM, LOREM.replace("sample", "paragraph")], 1)
     page = _text_page(doc, "2. Results", ["Table 1 lists the measured throughput per configuration."], 2)
-    _table(page, 150, [["Configuration", "Pages/s", "Memory (GiB)"],
-                       ["baseline", "3.2", "71.5"],
-                       ["streaming", "21.4", "72.0"],
-                       ["low-vram", "1.1", "5.8"]])
+    _table(
+        page,
+        150,
+        [
+            ["Configuration", "Pages/s", "Memory (GiB)"],
+            ["baseline", "3.2", "71.5"],
+            ["streaming", "21.4", "72.0"],
+            ["low-vram", "1.1", "5.8"],
+        ],
+    )
     doc.new_page(width=A4.width, height=A4.height)  # an intentionally blank page
     page = _text_page(doc, "3. Figure", ["Figure 1 shows a bar chart of the results."], 4)
     heights = [40, 120, 160, 60]

@@ -40,10 +40,23 @@ def run_fake(tmp_path, monkeypatch):
         from runner.cli import main
 
         out = out or tmp_path / "out"
-        code = main([
-            "--input-dir", str(input_dir), "--output-dir", str(out), "--engine", "vllm",
-            "--progress", "none", "--render-workers", "2", "--log-file", str(tmp_path / "run.log"), *extra,
-        ])
+        code = main(
+            [
+                "--input-dir",
+                str(input_dir),
+                "--output-dir",
+                str(out),
+                "--engine",
+                "vllm",
+                "--progress",
+                "none",
+                "--render-workers",
+                "2",
+                "--log-file",
+                str(tmp_path / "run.log"),
+                *extra,
+            ]
+        )
         return code, out, factory
 
     return _run

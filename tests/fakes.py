@@ -43,7 +43,9 @@ class FakeEngine:
     resolution: str | None = "gundam"
     worker_hook: tuple[str, dict] | None = None
     # fault injection
-    loop_pages: dict[tuple[str, int], int] = field(default_factory=dict)  # (doc_key suffix, page_index) -> attempts that loop
+    loop_pages: dict[tuple[str, int], int] = field(
+        default_factory=dict
+    )  # (doc_key suffix, page_index) -> attempts that loop
     loop_all_attempts_in_base: set[tuple[str, int]] = field(default_factory=set)  # loop unless Large mode
     hostile: bool = False
     delay_s: float = 0.0
@@ -61,8 +63,12 @@ class FakeEngine:
 
     def submit(self, requests: Sequence[PageRequest]) -> None:
         self._queue.extend(requests)
-        self.seen.extend(Seen(os.path.basename(r.image.doc_key), r.image.page_index, r.attempt, r.temperature,
-                              r.prompt_mode) for r in requests)
+        self.seen.extend(
+            Seen(
+                os.path.basename(r.image.doc_key), r.image.page_index, r.attempt, r.temperature, r.prompt_mode
+            )
+            for r in requests
+        )
 
     def pending(self) -> int:
         return len(self._queue)
@@ -80,9 +86,11 @@ class FakeEngine:
     def _answer(self, req: PageRequest) -> str:
         key = self._key(req)
         if req.prompt_mode in ("roi", "markdown"):  # ROI crops: plain reading of the region
-            return (f"Sharper reading of a region of page {req.image.page_index + 1} "
-                    f"({req.image.width}x{req.image.height} px), with more words: alpha beta gamma delta "
-                    f"epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau.{EOS}")
+            return (
+                f"Sharper reading of a region of page {req.image.page_index + 1} "
+                f"({req.image.width}x{req.image.height} px), with more words: alpha beta gamma delta "
+                f"epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau.{EOS}"
+            )
         if key in self.loop_all_attempts_in_base and self.resolution != "large":
             return loop_text()
         if req.attempt < self.loop_pages.get(key, 0):
@@ -142,4 +150,3 @@ class FakeFactory:
             eng.resolution = res
         self.engines.append(eng)
         return eng
-

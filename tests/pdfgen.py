@@ -14,16 +14,24 @@ def text_pdf(path: Path, pages: int = 3, prefix: str = "Page") -> Path:
     for i in range(pages):
         p = doc.new_page(width=A4.width, height=A4.height)
         p.insert_text((72, 100), f"{prefix} {i + 1} heading", fontsize=18)
-        p.insert_textbox(pymupdf.Rect(72, 130, A4.width - 72, 400),
-                         f"Body text of {prefix.lower()} {i + 1}. The quick brown fox jumps over the lazy dog.",
-                         fontsize=11)
+        p.insert_textbox(
+            pymupdf.Rect(72, 130, A4.width - 72, 400),
+            f"Body text of {prefix.lower()} {i + 1}. The quick brown fox jumps over the lazy dog.",
+            fontsize=11,
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     doc.save(path)
     return path
 
 
-def image_only_pdf(path: Path, text: str = "Scanned text line", noise: float = 0.0, gray: int = 0,
-                   fontsize: float = 18, seed: int = 0) -> Path:
+def image_only_pdf(
+    path: Path,
+    text: str = "Scanned text line",
+    noise: float = 0.0,
+    gray: int = 0,
+    fontsize: float = 18,
+    seed: int = 0,
+) -> Path:
     """A page that is one image and no text layer (a scan). ``noise`` = fraction of random 1-px
     dark specks; ``gray`` = ink level of the text (0 black .. 255 white)."""
     import numpy as np
@@ -159,8 +167,11 @@ def _stream(dict_body: bytes, data: bytes) -> bytes:
 
 def cyclic_pages_pdf(path: Path) -> Path:
     """The page tree's Kids point back at the tree itself."""
-    objs = [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [2 0 R 3 0 R] /Count 2 >>",
-            b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources 3 0 R >>"]
+    objs = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [2 0 R 3 0 R] /Count 2 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources 3 0 R >>",
+    ]
     path.write_bytes(_raw_pdf(objs))
     return path
 
@@ -173,7 +184,8 @@ def nested_content_pdf(path: Path, depth: int = 200_000) -> Path:
         b"<< /Type /Catalog /Pages 2 0 R >>",
         b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
         b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Deep "
-        + arr + b" >> >>",
+        + arr
+        + b" >> >>",
         _stream(b"", content),
     ]
     path.write_bytes(_raw_pdf(objs))
@@ -201,8 +213,11 @@ def image_bomb_pdf(path: Path, width: int = 40_000, height: int = 25_000) -> Pat
         b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] /Contents 4 0 R "
         b"/Resources << /XObject << /Im0 5 0 R >> >> >>",
         _stream(b"", b"q 595 0 0 842 0 0 cm /Im0 Do Q"),
-        _stream(b"/Type /XObject /Subtype /Image /Width %d /Height %d /ColorSpace /DeviceGray "
-                b"/BitsPerComponent 8 /Filter /FlateDecode" % (width, height), data),
+        _stream(
+            b"/Type /XObject /Subtype /Image /Width %d /Height %d /ColorSpace /DeviceGray "
+            b"/BitsPerComponent 8 /Filter /FlateDecode" % (width, height),
+            data,
+        ),
     ]
     path.write_bytes(_raw_pdf(objs))
     return path

@@ -20,15 +20,43 @@ def test_usage_errors(tmp_path):
     log = ["--log-file", str(tmp_path / "l.log")]
     assert main(["--output-dir", str(tmp_path)]) == EXIT_USAGE  # no input given
     assert main(["--input-dir", str(tmp_path / "missing"), "--output-dir", str(tmp_path), *log]) == EXIT_USAGE
-    assert main(["--input-dir", str(tmp_path), "--output-dir", str(tmp_path), "--dpi", "5", *log]) == EXIT_USAGE
-    assert main(["--input-dir", str(tmp_path), "--output-dir", str(tmp_path), "--num-shards", "2",
-                 "--shard-index", "2", *log]) == EXIT_USAGE
+    assert (
+        main(["--input-dir", str(tmp_path), "--output-dir", str(tmp_path), "--dpi", "5", *log]) == EXIT_USAGE
+    )
+    assert (
+        main(
+            [
+                "--input-dir",
+                str(tmp_path),
+                "--output-dir",
+                str(tmp_path),
+                "--num-shards",
+                "2",
+                "--shard-index",
+                "2",
+                *log,
+            ]
+        )
+        == EXIT_USAGE
+    )
 
 
 def test_vllm_engine_fails_fast_without_vllm(tmp_path, caplog):
     pdfgen.text_pdf(tmp_path / "in" / "a.pdf", pages=1)
-    code = main(["--input-dir", str(tmp_path / "in"), "--output-dir", str(tmp_path / "out"), "--engine", "vllm",
-                 "--progress", "none", "--log-file", str(tmp_path / "l.log")])
+    code = main(
+        [
+            "--input-dir",
+            str(tmp_path / "in"),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--engine",
+            "vllm",
+            "--progress",
+            "none",
+            "--log-file",
+            str(tmp_path / "l.log"),
+        ]
+    )
     try:
         import vllm  # noqa: F401
     except ImportError:
@@ -41,14 +69,47 @@ def test_vllm_engine_fails_fast_without_vllm(tmp_path, caplog):
 def test_text_engine_end_to_end_and_module_entry_point(tmp_path):
     src = tmp_path / "in"
     pdfgen.text_pdf(src / "a.pdf", pages=2)
-    r = subprocess.run([sys.executable, "-m", "runner", "--input-dir", str(src), "--output-dir", str(tmp_path / "o"),
-                        "--engine", "text", "--progress", "log", "--log-file", str(tmp_path / "l.log")],
-                       cwd=REPO, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "runner",
+            "--input-dir",
+            str(src),
+            "--output-dir",
+            str(tmp_path / "o"),
+            "--engine",
+            "text",
+            "--progress",
+            "log",
+            "--log-file",
+            str(tmp_path / "l.log"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     md = (tmp_path / "o" / "a.md").read_text()
     assert "Page 1 heading" in md and "----- Page 2 -----" in md
     assert "Run summary" in r.stderr
-    r2 = subprocess.run([sys.executable, str(REPO / "run_pdf_ocr_vllm.py"), "--input-dir", str(src), "--output-dir",
-                         str(tmp_path / "o"), "--engine", "text", "--progress", "none",
-                         "--log-file", str(tmp_path / "l2.log")], cwd=REPO, capture_output=True, text=True)
+    r2 = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "run_pdf_ocr_vllm.py"),
+            "--input-dir",
+            str(src),
+            "--output-dir",
+            str(tmp_path / "o"),
+            "--engine",
+            "text",
+            "--progress",
+            "none",
+            "--log-file",
+            str(tmp_path / "l2.log"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert r2.returncode == 0 and "skip (done marker exists)" in (tmp_path / "l2.log").read_text()

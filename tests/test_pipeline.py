@@ -84,8 +84,20 @@ def test_max_pages_and_input_list(tmp_path, run_fake, monkeypatch):
 
     monkeypatch.setattr(engines, "create_engine", FakeFactory())
     out = tmp_path / "o2"
-    code = main(["--input-list", str(lst), "--output-dir", str(out), "--max-pages", "2",
-                 "--progress", "none", "--log-file", str(tmp_path / "l.log")])
+    code = main(
+        [
+            "--input-list",
+            str(lst),
+            "--output-dir",
+            str(out),
+            "--max-pages",
+            "2",
+            "--progress",
+            "none",
+            "--log-file",
+            str(tmp_path / "l.log"),
+        ]
+    )
     assert code == 0
     assert [r["page"] for r in _pages(out, "long")] == [1, 2]
 
@@ -131,8 +143,14 @@ def test_render_timeout_is_a_page_status(tmp_path, run_fake):
     src = tmp_path / "in"
     pdfgen.pdf_with_pages(src / "a.pdf", ["text", "dark", "text"])
     # a worker hook that hangs on the dark page stands in for a page that takes forever to render
-    code, out, _ = run_fake(src, "--render-timeout", "3", "--max-page-error-rate", "0.5",
-                            worker_hook=("slow_hook:hang_if_dark", {}))
+    code, out, _ = run_fake(
+        src,
+        "--render-timeout",
+        "3",
+        "--max-page-error-rate",
+        "0.5",
+        worker_hook=("slow_hook:hang_if_dark", {}),
+    )
     assert code == 0
     recs = _pages(out, "a")
     assert [r["status"] for r in recs] == ["ok", "render_timeout", "ok"]
@@ -179,19 +197,55 @@ def test_sigkill_then_rerun_gives_identical_outputs(tmp_path):
     script = str(REPO / "tests" / "run_fake_cli.py")
     ref = tmp_path / "ref"
     args = ["--input-dir", str(src), "--progress", "none", "--render-workers", "2", "--batch-pages", "4"]
-    subprocess.run([sys.executable, script, "0", *args, "--output-dir", str(ref), "--log-file",
-                    str(tmp_path / "ref.log")], check=True, cwd=tmp_path)
+    subprocess.run(
+        [
+            sys.executable,
+            script,
+            "0",
+            *args,
+            "--output-dir",
+            str(ref),
+            "--log-file",
+            str(tmp_path / "ref.log"),
+        ],
+        check=True,
+        cwd=tmp_path,
+    )
     out = tmp_path / "killed"
     for delay in (1.2, 2.5):
-        proc = subprocess.Popen([sys.executable, script, "0.05", *args, "--output-dir", str(out), "--log-file",
-                                 str(tmp_path / "k.log")], cwd=tmp_path, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                script,
+                "0.05",
+                *args,
+                "--output-dir",
+                str(out),
+                "--log-file",
+                str(tmp_path / "k.log"),
+            ],
+            cwd=tmp_path,
+            start_new_session=True,
+        )
         time.sleep(delay)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     partial = sorted(p.name for p in out.glob("*.done")) if out.exists() else []
     assert len(partial) < 6, "the run finished before it was killed; the test proves nothing"
-    subprocess.run([sys.executable, script, "0", *args, "--output-dir", str(out), "--log-file",
-                    str(tmp_path / "k2.log")], check=True, cwd=tmp_path)
+    subprocess.run(
+        [
+            sys.executable,
+            script,
+            "0",
+            *args,
+            "--output-dir",
+            str(out),
+            "--log-file",
+            str(tmp_path / "k2.log"),
+        ],
+        check=True,
+        cwd=tmp_path,
+    )
     assert not list(out.rglob("*.tmp-*"))
     assert _snapshot(out) == _snapshot(ref)
 
@@ -205,9 +259,24 @@ def test_long_pdf_memory_is_bounded_by_window(tmp_path):
         src = tmp_path / f"in{n}"
         pdfgen.many_pages_pdf(src / "long.pdf", n)
         r = subprocess.run(
-            [sys.executable, str(script), "--input-dir", str(src), "--output-dir", str(tmp_path / f"o{n}"),
-             "--progress", "none", "--batch-pages", "16", "--log-file", str(tmp_path / f"l{n}.log")],
-            capture_output=True, text=True, cwd=tmp_path, check=True,
+            [
+                sys.executable,
+                str(script),
+                "--input-dir",
+                str(src),
+                "--output-dir",
+                str(tmp_path / f"o{n}"),
+                "--progress",
+                "none",
+                "--batch-pages",
+                "16",
+                "--log-file",
+                str(tmp_path / f"l{n}.log"),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            check=True,
         )
         peaks[n] = int(r.stdout.strip().splitlines()[-1])
         assert len((tmp_path / f"o{n}" / "long.pages.jsonl").read_text().splitlines()) == n

@@ -74,7 +74,7 @@ def test_image_bomb_is_contained(tmp_path, run_fake):
     pdfgen.image_bomb_pdf(src / "bomb.pdf")
     pdfgen.text_pdf(src / "good.pdf", pages=1)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    code, out, _ = run_fake(src, "--render-memory-mb", "512", "--render-timeout", "60")
+    _, out, _ = run_fake(src, "--render-memory-mb", "512", "--render-timeout", "60")
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     summary = json.loads((out / "_run_summary.json").read_text())
     by = {d["source"].rsplit("/", 1)[-1]: d for d in summary["docs"]}

@@ -17,7 +17,7 @@ def _recs(out: Path, stem: str) -> list[dict]:
 def test_loop_is_retried_with_rising_temperature(tmp_path, run_fake):
     src = tmp_path / "in"
     pdfgen.text_pdf(src / "a.pdf", pages=3)
-    code, out, factory = run_fake(src, loop_pages={("a.pdf", 1): 2})
+    code, out, _ = run_fake(src, loop_pages={("a.pdf", 1): 2})
     assert code == 0
     recs = _recs(out, "a")
     assert [r["status"] for r in recs] == ["ok", "retried_ok", "ok"]
@@ -123,9 +123,18 @@ def test_random_faults_account_for_every_page(tmp_path, run_fake, seed):
         n = rng.randint(1, 5)
         n_pages[f"r{i}"] = n
         pdfgen.text_pdf(src / f"r{i}.pdf", pages=n, prefix=f"R{i}")
-    loops = {(f"r{i}.pdf", p): rng.choice([0, 0, 1, 3, 99]) for i in range(4) for p in range(n_pages[f"r{i}"])}
-    code, out, _ = run_fake(src, "--batch-pages", str(rng.randint(1, 8)), "--max-page-error-rate", "1",
-                            loop_pages=loops, die_after_outputs=rng.randint(0, 10))
+    loops = {
+        (f"r{i}.pdf", p): rng.choice([0, 0, 1, 3, 99]) for i in range(4) for p in range(n_pages[f"r{i}"])
+    }
+    code, out, _ = run_fake(
+        src,
+        "--batch-pages",
+        str(rng.randint(1, 8)),
+        "--max-page-error-rate",
+        "1",
+        loop_pages=loops,
+        die_after_outputs=rng.randint(0, 10),
+    )
     assert code == 0
     for stem, n in n_pages.items():
         recs = _recs(out, stem)
@@ -162,5 +171,5 @@ def test_roi_pass_rereads_regions_from_sharper_crops(tmp_path, run_fake):
 def test_roi_pass_off_in_clean_mode(tmp_path, run_fake):
     src = tmp_path / "in"
     pdfgen.text_pdf(src / "a.pdf", pages=1)
-    code, out, factory = run_fake(src, "--roi-pass")
+    code, out, _ = run_fake(src, "--roi-pass")
     assert code == 0 and _recs(out, "a")[0]["status"] == "ok"

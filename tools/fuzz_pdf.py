@@ -24,9 +24,27 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-KEYWORDS = [b"obj", b"endobj", b"/Length 999999999", b"stream", b"endstream", b"xref", b"trailer",
-            b"/Count -1", b"/Kids [1 0 R]", b"<<", b">>", b"[", b"]", b"99999999999999999999", b"/Filter /FlateDecode",
-            b"/Type /Page", b"/MediaBox [0 0 1e9 1e9]", b"\x00" * 16, b"%%EOF"]
+KEYWORDS = [
+    b"obj",
+    b"endobj",
+    b"/Length 999999999",
+    b"stream",
+    b"endstream",
+    b"xref",
+    b"trailer",
+    b"/Count -1",
+    b"/Kids [1 0 R]",
+    b"<<",
+    b">>",
+    b"[",
+    b"]",
+    b"99999999999999999999",
+    b"/Filter /FlateDecode",
+    b"/Type /Page",
+    b"/MediaBox [0 0 1e9 1e9]",
+    b"\x00" * 16,
+    b"%%EOF",
+]
 
 
 def seed_pdfs() -> list[bytes]:
@@ -73,8 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(rng.randint(1, 8)):
             op = rng.choice(["flip", "flip", "del", "dup", "ins", "cut"])
             pos = rng.randrange(1 << 20)
-            arg: object = {"flip": rng.randint(1, 255), "del": rng.randint(1, 200), "dup": rng.randint(1, 200),
-                           "ins": rng.choice(KEYWORDS), "cut": 0}[op]
+            arg: object = {
+                "flip": rng.randint(1, 255),
+                "del": rng.randint(1, 200),
+                "dup": rng.randint(1, 200),
+                "ins": rng.choice(KEYWORDS),
+                "cut": 0,
+            }[op]
             ops.append((op, pos, arg))
         return ops
 

@@ -1,0 +1,202 @@
+"""Launch stage (multi-GPU on one machine): GPU detection, shard composition, and the parent's
+run/merge/exit-code logic with a stub worker command (the real CLI runs in test_scaleout_e2e.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from runner.launcher import detect_gpus, merge_summaries, parse_gpus, plan_workers, run_multi_gpu
+
+STUB = r"""
+import json, os, sys
+args = sys.argv[1:]
+def opt(name):
+    return args[args.index(name) + 1]
+out, n, i = opt("--output-dir"), int(opt("--num-shards")), int(opt("--shard-index"))
+os.makedirs(out, exist_ok=True)
+if os.environ.get("STUB_FAIL_SHARD") == str(i):
+    print("worker exploding on purpose", flush=True)
+    sys.exit(3)
+summary = {"shard": f"{i}-of-{n}", "files": {"ok": i + 1, "failed": 0, "skipped": 0},
+           "pages": {"ok": 10 * (i + 1)}, "pages_total": 10 * (i + 1), "pages_per_s": 99.0,
+           "wall_seconds": 1.0, "engine": "text", "docs": [{"source": f"d{i}.pdf", "status": "ok"}],
+           "seen": {"cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "argv": args}}
+with open(os.path.join(out, f"_run_summary.shard-{i}-of-{n}.json"), "w") as f:
+    json.dump(summary, f)
+print(f"stub shard {i} done", flush=True)
+"""
+
+
+@pytest.fixture()
+def stub(tmp_path: Path) -> list[str]:
+    path = tmp_path / "stub_worker.py"
+    path.write_text(STUB)
+    return [sys.executable, str(path)]
+
+
+def test_parse_gpus_lists_and_all(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert parse_gpus("0, 1,3") == ["0", "1", "3"]
+    assert parse_gpus(["2"]) == ["2"]
+    with pytest.raises(ValueError):
+        parse_gpus("0,0")
+    with pytest.raises(ValueError):
+        parse_gpus(" , ")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    assert parse_gpus("all") == ["4", "6"]
+    assert parse_gpus("1") == ["6"]  # positions within the parent's visible set
+    with pytest.raises(ValueError):
+        parse_gpus("2")
+
+
+def test_detect_gpus_reads_nvidia_smi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(
+        "#!/bin/sh\necho 'GPU 0: NVIDIA H200 (UUID: GPU-a)'\necho 'GPU 1: NVIDIA H200 (UUID: GPU-b)'\n"
+    )
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert detect_gpus() == ["0", "1"]
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    assert detect_gpus() == []
+    with pytest.raises(ValueError, match="no GPU"):
+        parse_gpus("all")
+
+
+def test_plan_composes_fleet_and_local_shards() -> None:
+    argv = [
+        "--input-dir",
+        "s3://b/in",
+        "--output-dir=s3://b/out",
+        "--gpus",
+        "all",
+        "--num-shards",
+        "3",
+        "--shard-index=1",
+        "--engine",
+        "vllm",
+    ]
+    specs = plan_workers(argv, ["0", "1"], worker_cmd=("py", "-m", "runner"))
+    assert [(s.shard_index, s.num_shards) for s in specs] == [(2, 6), (3, 6)]
+    assert [dict(s.env)["CUDA_VISIBLE_DEVICES"] for s in specs] == ["0", "1"]
+    cmd = list(specs[1].argv)
+    assert cmd[:3] == ["py", "-m", "runner"]
+    assert "--gpus" not in cmd and "all" not in cmd and "--shard-index=1" not in cmd
+    assert cmd[-4:] == ["--num-shards", "6", "--shard-index", "3"]
+    assert cmd.count("--num-shards") == 1 and "--output-dir=s3://b/out" in cmd
+    assert cmd[cmd.index("--progress") + 1] == "log"
+    with pytest.raises(ValueError):
+        plan_workers(["--num-shards", "2", "--shard-index", "2"], ["0"])
+
+
+def test_pdf_password_goes_to_the_environment_not_the_command_line() -> None:
+    for argv in (["--output-dir", "o", "--password", "hunter2"], ["--output-dir", "o", "--password=hunter2"]):
+        [spec] = plan_workers(argv, ["0"], worker_cmd=("py",))
+        assert not any("hunter2" in a for a in spec.argv) and "--password" not in " ".join(spec.argv)
+        assert dict(spec.env)["PDF_PASSWORD"] == "hunter2"
+
+
+@given(fleet=st.integers(1, 6), gpus=st.integers(1, 8))
+def test_fleet_times_gpus_covers_every_global_shard_once(fleet: int, gpus: int) -> None:
+    ids = [str(g) for g in range(gpus)]
+    seen = [
+        s.shard_index
+        for f in range(fleet)
+        for s in plan_workers(["--num-shards", str(fleet), "--shard-index", str(f)], ids, ("x",))
+    ]
+    assert sorted(seen) == list(range(fleet * gpus))
+
+
+def test_merge_summaries_sums_counts_and_recomputes_rate() -> None:
+    parts = {
+        "shard-0-of-2": {
+            "files": {"ok": 2, "failed": 1},
+            "pages": {"ok": 10, "blank": 1},
+            "pages_total": 11,
+            "counters": {"regions": 3},
+            "pages_per_s": 50.0,
+            "wall_seconds": 2.0,
+            "docs": [{"source": "b"}],
+            "engine_startup_s": 70.0,
+            "shard_balance": {"num_shards": 2},
+        },
+        "shard-1-of-2": {
+            "files": {"ok": 3},
+            "pages": {"ok": 9},
+            "pages_total": 9,
+            "counters": {"regions": 4},
+            "pages_per_s": 60.0,
+            "wall_seconds": 4.0,
+            "docs": [{"source": "a"}],
+            "engine_startup_s": 80.0,
+        },
+    }
+    m = merge_summaries(parts, wall_s=10.0)
+    assert m["files"] == {"failed": 1, "ok": 5}
+    assert m["pages"] == {"blank": 1, "ok": 19}
+    # Rates are recomputed, never summed: all pages over the longest worker's processing time ...
+    assert m["pages_total"] == 20 and m["pages_per_s"] == 5.0 and m["wall_seconds"] == 4.0
+    # ... and over the parent's wall time, start-up included.
+    assert m["pages_per_s_incl_startup"] == 2.0 and m["parent_wall_seconds"] == 10.0
+    assert m["counters"] == {"regions": 7}
+    assert [d["source"] for d in m["docs"]] == ["a", "b"]
+    assert m["engine_startup_s"] == 80.0 and m["shard_balance"] == {"num_shards": 2}
+
+
+def test_run_multi_gpu_runs_one_worker_per_gpu_and_merges(
+    tmp_path: Path, stub: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    out = tmp_path / "out"
+    argv = ["--input-dir", str(tmp_path), "--output-dir", str(out), "--engine", "text"]
+    code = run_multi_gpu(
+        argv, "0,1,2", worker_cmd=stub, prescan=None, log_dir=str(tmp_path / "logs"), poll_s=0.5
+    )
+    assert code == 0
+    merged = json.loads((out / "_run_summary.json").read_text())
+    assert merged["files"]["ok"] == 1 + 2 + 3 and merged["pages_total"] == 60
+    assert [w["exit_code"] for w in merged["workers"]] == [0, 0, 0]
+    assert merged["gpus"] == ["0", "1", "2"]
+    seen = {
+        json.loads((out / f"_run_summary.shard-{i}-of-3.json").read_text())["seen"]["cuda"] for i in range(3)
+    }
+    assert seen == {"0", "1", "2"}
+    assert "stub shard 1 done" in (tmp_path / "logs" / "shard-1-of-3.log").read_text()
+
+
+def test_run_multi_gpu_fails_when_one_worker_fails(
+    tmp_path: Path, stub: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("STUB_FAIL_SHARD", "1")
+    out = tmp_path / "out"
+    code = run_multi_gpu(
+        ["--output-dir", str(out)],
+        ["0", "1"],
+        worker_cmd=stub,
+        prescan=None,
+        log_dir=str(tmp_path / "logs"),
+        poll_s=0.5,
+    )
+    assert code == 3
+    merged = json.loads((out / "_run_summary.json").read_text())
+    assert [(w["shard"], w["exit_code"]) for w in merged["workers"]] == [
+        ("shard-0-of-2", 0),
+        ("shard-1-of-2", 3),
+    ]
+    assert merged["merged_from"] == ["shard-0-of-2"]
+    err = capsys.readouterr().err
+    assert "FAILED (exit 3)" in err and "worker exploding on purpose" in err
+
+
+def test_run_multi_gpu_rejects_bad_gpu_spec(tmp_path: Path, stub: list[str]) -> None:
+    assert run_multi_gpu(["--output-dir", str(tmp_path)], "0,0", worker_cmd=stub, prescan=None) == 2
