@@ -240,7 +240,7 @@ class Pipeline:
                     page_index=w.index,
                     dpi=cfg.dpi,
                     password=cfg.password,
-                    want_pixels=engine.needs_pixels or cfg.assets != "none" or cfg.report,
+                    want_pixels=engine.needs_pixels or cfg.assets != "none",
                     want_markdown=engine.needs_text_markdown,
                     want_table_check=want_table and phase == "main",
                     max_pixels=cfg.max_page_pixels,
@@ -852,8 +852,6 @@ class Pipeline:
                     stem + ".regions.jsonl",
                     ("\n".join(reg_lines) + ("\n" if reg_lines else "")).encode("utf-8"),
                 )
-            if self.cfg.report:
-                self._write_review(st, pages)
             marker = {
                 "status": status,
                 "source": self.inputs.uri(d.rel),
@@ -869,10 +867,14 @@ class Pipeline:
                 self.outputs.write_bytes(stem + ".done", safe_dumps(marker, indent=1).encode("utf-8"))
             else:
                 self.outputs.delete(stem + ".done")
-        except Exception as e:
+        except Exception as e:  # an output error fails this document, not the run
             status, error = "failed", f"cannot write outputs: {type(e).__name__}: {e}"
-        finally:
-            st.stack.close()
+        if self.cfg.report:
+            try:
+                self._write_review(st, pages)
+            except Exception as e:  # the review page is a convenience, never a failure
+                log.warning("%s: review page not written: %s", d.doc_key, e)
+        st.stack.close()
         seconds = time.perf_counter() - st.started
         src = self.inputs.uri(d.rel)
         if status == "ok":
