@@ -297,3 +297,30 @@ def test_copied_corpus_runs(tmp_path, run_fake):
     summary = json.loads((out / "_run_summary.json").read_text())
     assert summary["files"]["ok"] == len(list(src.glob("*.pdf")))
     assert _pages(out, "027-blank-push-pop")[0]["status"] == "blank"
+
+
+def test_malformed_corpus_gives_clear_errors_or_recovers(tmp_path, run_fake):
+    from conftest import corpus_dir
+
+    d = corpus_dir("malformed")
+    src = tmp_path / "in"
+    src.mkdir()
+    for f in d.glob("*.pdf"):
+        shutil.copy(f, src / f.name)
+    code, out, _ = run_fake(src, "--max-pages", "3", "--max-page-error-rate", "1")
+    assert code == 1
+    summary = json.loads((out / "_run_summary.json").read_text())
+    by = {Path(x["source"]).name: x for x in summary["docs"]}
+    assert set(by) == {f.name for f in src.glob("*.pdf")}  # every file has a record
+    assert by["bad1.pdf"]["status"] == "failed" and "cannot open PDF" in by["bad1.pdf"]["error"]
+    assert by["V4-aes.pdf"]["status"] == "ok"  # AES with an empty user password opens
+    assert "password" in by["pypdf-sample-005-libreoffice-writer-password.pdf"]["error"]
+    assert by["bad-xref.pdf"]["status"] == "ok" and by["xref-errors.pdf"]["status"] == "ok"
+    for x in summary["docs"]:
+        assert x["status"] == "ok" or x["error"]
+    code, out2, _ = run_fake(src, "--password", "openpassword", out=tmp_path / "o2")
+    recs = [
+        json.loads(x)
+        for x in (out2 / "pypdf-sample-005-libreoffice-writer-password.pages.jsonl").read_text().splitlines()
+    ]
+    assert recs and all(r["status"] for r in recs)
