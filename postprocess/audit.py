@@ -12,14 +12,14 @@ import functools
 import re
 from typing import Any
 
-from postprocess.sanitize import _LINK_DEST_RE, _REF_DEF_RE, escape_residual_html, unsafe_url
+from postprocess.sanitize import LINK_DEST_RE, REF_DEF_RE, escape_residual_html, unsafe_url
 from postprocess.tokens import IMAGE_TOKEN_RE, SPECIAL_TOKEN_RE
 
 _GROUNDED_LINE_RE = re.compile(
     r"^<\|ref\|>[a-z0-9_ ]{1,48}<\|/ref\|>"
     r"<\|det\|>\[(?:\[\d{1,3}, \d{1,3}, \d{1,3}, \d{1,3}\](?:, )?)*\]<\|/det\|>$"
 )
-_GROUNDING_PIECE_RE = re.compile(r"<[|\uff5c]\s*/?\s*(?:ref|det)\s*[|\uff5c]>")
+_GROUNDING_PIECE_RE = re.compile(r"<[|\uff5c]\s*(?:/\s*)?(?:ref|det)\s*[|\uff5c]>")
 
 
 def audit_markdown(text: str, *, mode: str = "clean") -> list[str]:
@@ -37,10 +37,10 @@ def audit_markdown(text: str, *, mode: str = "clean") -> list[str]:
     _, residual = escape_residual_html(text)
     if residual:
         problems.append(f"{residual} HTML tag(s) outside the allowlist")
-    for m in _LINK_DEST_RE.finditer(text):
+    for m in LINK_DEST_RE.finditer(text):
         if unsafe_url(m.group(1)):
             problems.append(f"unsafe link {m.group(1)[:60]!r}")
-    for m in _REF_DEF_RE.finditer(text):
+    for m in REF_DEF_RE.finditer(text):
         if unsafe_url(m.group(2)):
             problems.append(f"unsafe link definition {m.group(2)[:60]!r}")
     return problems
@@ -52,7 +52,7 @@ RENDERED_OK = frozenset(
      "table", "thead", "tbody", "tfoot", "tr", "td", "th", "caption", "sup", "sub", "br", "b", "i", "em",
      "strong"}
 )  # fmt: skip
-OWN_COMMENT_TEXTS = frozenset({"figure", "latex omitted", "table dropped"})
+OWN_COMMENT_TEXTS = frozenset({"figure", "latex omitted"})
 
 
 @functools.lru_cache(maxsize=1)

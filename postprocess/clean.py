@@ -26,6 +26,8 @@ FigureLink = Callable[[int, Box], "str | None"]
 FIGURE_MARKER = "<!-- figure -->"
 REPEATED_TEXT_MIN = 3  # identical consecutive blocks (different boxes) kept once from here on
 DEFAULT_OPTIONS = CleanOptions()
+MAX_RAW_CHARS = 1_000_000  # 8192 tokens are ~40 kB; anything far larger is not model output
+_CENTER_RE = re.compile(r"<\s*(?:/\s*)?center\s*>", re.I)  # captions come wrapped in <center>
 # Whole ``<|ref|>label<|/ref|><|det|>boxes<|/det|>`` heads, for the last-resort fallback only.
 _BLOCK_HEAD_RE = re.compile(
     r"<[|\uff5c]ref[|\uff5c]>[^<\n]{0,48}<[|\uff5c]/ref[|\uff5c]>\s*(?:<[|\uff5c]det[|\uff5c]>[^<]{0,400}<[|\uff5c]/det[|\uff5c]>)?"
@@ -72,8 +74,10 @@ def _drop_repeats(regions: list[Region], counters: Counter[str]) -> list[Region]
 
 def _process_text(text: str, label: str, options: CleanOptions, counters: Counter[str]) -> str:
     """Loop cutting, LaTeX spam and (clean mode) the canonical Markdown pass on non-table text."""
-    # LaTeX first: a runaway ``\begin{pmatrix}`` loop is dropped whole rather than shortened into
-    # unbalanced maths.
+    text, n = _CENTER_RE.subn("", text)
+    counters["html_sanitized"] += n
+    # LaTeX before loops: a runaway ``\begin{pmatrix}`` loop is dropped whole rather than
+    # shortened into unbalanced maths.
     text, n = md.cut_latex_spam(text, is_equation=label.startswith("equation"))
     counters["latex_blocks_cut"] += n
     text, n = cut_line_runs(text)
@@ -162,13 +166,18 @@ def _render(
     for r in regions:
         content = _process_content(r.text, r.label, options, counters) if r.text.strip() else ""
         cleaned.append(Region(r.label, r.boxes, r.boxes_px, r.boxes_pt, content, r.tagged))
-        if options.mode == "grounded":
-            head = f"<|ref|>{r.label}<|/ref|><|det|>{_format_boxes(r.boxes)}<|/det|>"
-            blocks.append(f"{head}\n{content}" if content else head)
-            continue
+        figure = ""
         if r.label == "image":
-            blocks.append(_figure(figure_index, r, figure_link, counters, problems))
+            figure = _figure(figure_index, r, figure_link, counters, problems)
             figure_index += 1
+        if options.mode == "grounded":
+            # The tag already says "image"; only a saved crop adds anything.
+            body = "\n\n".join(x for x in (figure if figure != FIGURE_MARKER else "", content) if x)
+            head = f"<|ref|>{r.label}<|/ref|><|det|>{_format_boxes(r.boxes)}<|/det|>"
+            blocks.append(f"{head}\n{body}" if body else head)
+            continue
+        if figure:
+            blocks.append(figure)
         if content:
             blocks.append(content)
     if options.mode == "clean":
@@ -209,6 +218,9 @@ def clean_page(
     problems: list[str] = []
     if not isinstance(raw, str):
         return PageCleanResult("", (), {}, (f"raw text is {type(raw).__name__}, not str",))
+    if len(raw) > MAX_RAW_CHARS:
+        problems.append(f"raw text of {len(raw)} characters cut to {MAX_RAW_CHARS}")
+        raw = raw[:MAX_RAW_CHARS]
     try:
         grounding_tags = len(ANY_GROUNDING_TAG_RE.findall(raw))
         counters["special_tokens_removed"] += max(0, count_special_tokens(raw) - grounding_tags)

@@ -20,7 +20,7 @@ REF_OPEN_RE = re.compile(rf"<{_BAR}\s*ref\s*{_BAR}>", re.I)
 REF_CLOSE_RE = re.compile(rf"<{_BAR}\s*/\s*ref\s*{_BAR}>", re.I)
 DET_OPEN_RE = re.compile(rf"<{_BAR}\s*det\s*{_BAR}>", re.I)
 DET_CLOSE_RE = re.compile(rf"<{_BAR}\s*/\s*det\s*{_BAR}>", re.I)
-ANY_GROUNDING_TAG_RE = re.compile(rf"<{_BAR}\s*/?\s*(?:ref|det)\s*{_BAR}>", re.I)
+ANY_GROUNDING_TAG_RE = re.compile(rf"<{_BAR}\s*(?:/\s*)?(?:ref|det)\s*{_BAR}>", re.I)
 
 KNOWN_LABELS = (
     "title",
@@ -50,6 +50,14 @@ _KNOWN_PREFIX_RE = re.compile(
 )
 _NUM_RE = re.compile(r"-?\d+(?:\.\d+)?")
 _GROUP_RE = re.compile(r"[\[(]([^\[\]()]*)[\])]")
+# Boxes written without ``<|det|>`` (``[[1, 2, 3, 4]]`` or several) right after the label, and a
+# complete ``<|det|>..<|/det|>`` span (bounded, box characters only) found inside content.
+_BARE_BOXES_RE = re.compile(
+    r"(\[\[[\d\s,.\-]{1,80}\](?:\s*,\s*\[[\d\s,.\-]{1,80}\]){0,63}\])(?:\s*<[|\uff5c]/det[|\uff5c]>)?"
+)
+_DET_SPAN_RE = re.compile(
+    r"<[|\uff5c]\s*det\s*[|\uff5c]>[\s\[\]()\d,.\-a-z:]{0,400}?<[|\uff5c]\s*/\s*det\s*[|\uff5c]>", re.I
+)
 _BOXISH_PREFIX_RE = re.compile(r"\A[\s\[\]()\d,.\-]*")
 
 
@@ -159,6 +167,18 @@ def _parse_block(block: str, problems: list[str], *, last: bool) -> tuple[str, t
             payload, rest = _split_unclosed_det(rest)
         boxes, box_problems = parse_boxes(payload)
         problems.extend(box_problems)
+    else:
+        m_box = _BARE_BOXES_RE.match(stripped)
+        if m_box is not None:  # ``<|ref|>text<|/ref|>[[1, 2, 3, 4]]``: the <|det|> tag is missing
+            problems.append("missing <|det|>")
+            boxes, box_problems = parse_boxes(m_box.group(1))
+            problems.extend(box_problems)
+            rest = stripped[m_box.end() :]
+    # A whole ``<|det|>..<|/det|>`` later in the content is a box, not text.
+    if DET_OPEN_RE.search(rest):
+        rest, n = _DET_SPAN_RE.subn("", rest)
+        if n:
+            problems.append("box inside content removed")
     # Stray grounding tags inside content (``<|/ref|>`` twice, a second ``<|det|>``): drop the tag,
     # keep whatever text surrounds it.
     if ANY_GROUNDING_TAG_RE.search(rest):
@@ -191,9 +211,10 @@ def parse_grounding(raw: str, geometry: PageGeometry | None = None) -> tuple[lis
     for is_head, is_last, block in _iter_blocks(text):
         if is_head:
             # Head text (before any <|ref|>): may still hold a stray ``<|det|>..<|/det|>`` box.
-            content = ANY_GROUNDING_TAG_RE.sub("", block) if ANY_GROUNDING_TAG_RE.search(block) else block
-            if content is not block:
+            content = block
+            if ANY_GROUNDING_TAG_RE.search(block):
                 problems.append("grounding tag outside a block")
+                content = ANY_GROUNDING_TAG_RE.sub("", _DET_SPAN_RE.sub("", block))
             content = _clean_text(content)
             if content.strip():
                 regions.append(Region(UNTAGGED_LABEL, (), (), (), content.strip("\n"), tagged=False))

@@ -42,7 +42,7 @@ DROP_CONTENT_TAGS = frozenset(
 )
 SAFE_SCHEMES = frozenset({"http", "https", "mailto"})
 # Comments the post-processor itself writes; everything else of the ``<!`` kind is removed.
-OWN_COMMENTS = ("<!-- figure -->", "<!-- latex omitted -->", "<!-- table dropped -->")
+OWN_COMMENTS = ("<!-- figure -->", "<!-- latex omitted -->")
 
 # Element names a browser knows. Tags with these names are removed (text kept) when not allowlisted;
 # other ``<Name>`` shapes (``List<String>``, ``a<b>c`` in maths) are text and get escaped instead.
@@ -253,15 +253,15 @@ _ATTR = r"""(?:\s+[A-Za-z_:][A-Za-z0-9_.:\-]*(?:\s*=\s*(?:[^\s"'=<>`]+|'[^']*'|"
 _TAG_RE = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9\-]*)(" + _ATTR + r"*)\s*/?>")
 # A known element opened with attributes but never closed (``<img src=x onerror=alert(1)``).
 _BROKEN_TAG_RE = re.compile(
-    r"<\s*/?\s*(" + "|".join(sorted(KNOWN_ELEMENTS, key=len, reverse=True)) + r")\s[^<>\n]*=[^<>\n]*",
+    r"<\s*(?:/\s*)?(" + "|".join(sorted(KNOWN_ELEMENTS, key=len, reverse=True)) + r")\s[^<>\n]*=[^<>\n]*",
     re.I,
 )
 _MATH_RE = re.compile(r"\\\(.*?(?:\\\)|\Z)|\\\[.*?(?:\\\]|\Z)|\$\$.*?(?:\$\$|\Z)|\$[^$\n]+\$", re.S)
 _TABLE_SEG_RE = re.compile(r"<table>.*?</table>", re.S)
 _SPAN_VALUE_RE = re.compile(r"\d{1,3}")
 # Inline link/image destination: ``](<dest>)`` or ``](dest)`` with one level of balanced parens.
-_LINK_DEST_RE = re.compile(r"\]\(\s*(<[^<>\n]*>|(?:[^\s()\\]|\\.|\((?:[^\s()\\]|\\.)*\))+)")
-_REF_DEF_RE = re.compile(r"^( {0,3}\[[^\]\n]+\]:[ \t]*)(<[^<>\n]*>|\S+)", re.M)
+LINK_DEST_RE = re.compile(r"\]\(\s*(<[^<>\n]*>|(?:[^\s()\\]|\\.|\((?:[^\s()\\]|\\.)*\))+)")
+REF_DEF_RE = re.compile(r"^( {0,3}\[[^\]\n]+\]:[ \t]*)(<[^<>\n]*>|\S+)", re.M)
 _SCHEME_RE = re.compile(r"([a-z][a-z0-9+.\-]*):")
 _MD_ESCAPE_RE = re.compile(r"\\([!-/:-@\[-`{-~])")
 _CTRL_RE = re.compile(r"[\x00-\x20\x7f-\x9f\u200b-\u200f\u2028\u2029\ufeff]")
@@ -419,7 +419,7 @@ def _safe_links(text: str) -> tuple[str, int]:
             return m.group(1).rstrip().rstrip(":")
         return m.group(0)
 
-    return _REF_DEF_RE.sub(ref, _LINK_DEST_RE.sub(link, text)), n
+    return REF_DEF_RE.sub(ref, LINK_DEST_RE.sub(link, text)), n
 
 
 _ANY_TAG_START_RE = re.compile(r"<(?=[A-Za-z/!?])")

@@ -61,6 +61,11 @@ def has_eos(text: str) -> bool:
     return EOS_RE.search(text) is not None
 
 
+def strip_eos(text: str) -> str:
+    """``text`` without end-of-sentence tokens."""
+    return EOS_RE.sub("", text)
+
+
 def strip_prompt_echo(text: str) -> tuple[str, bool]:
     """Remove an echoed prompt (and the role/image tokens around it) from the start of ``text``."""
     m = PROMPT_ECHO_RE.match(text)

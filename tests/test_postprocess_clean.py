@@ -197,3 +197,19 @@ def test_repeated_text_under_different_boxes_kept_once_but_pairs_kept() -> None:
     assert res.markdown == "Same line." and res.counters["loops_cut"] == 4
     two = "".join(f"<|ref|>text<|/ref|><|det|>[[1, {i}, 9, {i + 1}]]<|/det|>\nTwice.\n" for i in range(2))
     assert clean_page(two).markdown == "Twice.\n\nTwice."
+
+
+def test_centered_title_becomes_heading_and_huge_input_is_cut() -> None:
+    res = clean_page("<|ref|>title<|/ref|><|det|>[[1, 2, 3, 4]]<|/det|>\n<center>Big Title</center>")
+    assert res.markdown == "# Big Title"
+    res = clean_page("word " * 300_000)
+    assert res.problems and len(res.markdown) <= 1_000_000
+    assert detect_degenerate("x" * 1_000_001) == "too_long"
+
+
+def test_grounded_mode_links_saved_figures() -> None:
+    raw = "<|ref|>image<|/ref|><|det|>[[10, 10, 500, 500]]<|/det|>\n"
+    opts = CleanOptions(mode="grounded")
+    md = clean_page(raw, options=opts, geometry=GEOM, figure_link=lambda i, b: "d_assets/f.png").markdown
+    assert md == "<|ref|>image<|/ref|><|det|>[[10, 10, 500, 500]]<|/det|>\n![figure 1](d_assets/f.png)"
+    assert clean_page(raw, options=opts, geometry=GEOM).markdown == raw.strip()

@@ -12,7 +12,8 @@ import pytest
 from postprocess.cli import main, read_pages
 
 ROOT = Path(__file__).resolve().parents[1]
-P1 = "<|ref|>title<|/ref|><|det|>[[10, 10, 900, 60]]<|/det|>\n# Report\n<\uff5cend\u2581of\u2581sentence\uff5c>"
+EOS = "<\uff5cend\u2581of\u2581sentence\uff5c>"
+P1 = "<|ref|>title<|/ref|><|det|>[[10, 10, 900, 60]]<|/det|>\n# Report\n" + EOS
 P3 = (
     "<|ref|>table<|/ref|><|det|>[[10, 10, 900, 600]]<|/det|>\n"
     "<table><tr><td>a</td><td>b</td></tr><tr><td>1</td><td>None</td></tr></table>"

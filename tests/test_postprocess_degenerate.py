@@ -13,8 +13,10 @@ def test_normal_page_is_not_degenerate() -> None:
     assert detect_degenerate(OK, stopped_by_eos=True) is None
     assert detect_degenerate("") is None
     # A table of contents with dot leaders is fine.
-    toc = "\n".join(f"Chapter {i} " + "." * 60 + f" {i * 7}" for i in range(1, 30)) + EOS
+    toc = "\n".join(f"{i}. Chapter {i} " + "." * 80 + f" {i * 7}" for i in range(1, 60)) + EOS
     assert detect_degenerate(toc) is None
+    # A form that repeats a few fields is not a loop.
+    assert detect_degenerate("Signature: ________\nDate: ________\n\n" * 6 + EOS) is None
 
 
 def test_no_eos_only_when_engine_says_so() -> None:
@@ -27,7 +29,9 @@ def test_no_eos_only_when_engine_says_so() -> None:
 def test_reasons() -> None:
     assert detect_degenerate(OK + "<|ref|>image<|/ref|><|det|>[[1, 2, 3, 4]]<|/det|>\n" * 6) == "repeated_box"
     assert detect_degenerate("Intro\n" + "1\n" * 25) == "line_run"
-    assert detect_degenerate("Intro\n" + "alpha\nbeta gamma\n" * 6) == "repeated_block"
+    assert detect_degenerate("Intro\n" + "alpha\nbeta gamma\n" * 10) == "repeated_block"
+    assert detect_degenerate("Intro " + "The same sentence again, said once more. " * 200) == "repeated_tail"
+    assert detect_degenerate("x " + "\\end{tikzpicture}" * 300 + EOS) == "repeated_tail"
     assert detect_degenerate("x = " + "\\overline{" * 40) == "char_run"
     rows = "<table><tr><td>h</td></tr>" + "<tr><td></td></tr>" * 40
     assert detect_degenerate(rows) == "repeated_rows"

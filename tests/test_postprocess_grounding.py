@@ -71,3 +71,15 @@ def test_cut_inside_final_label_is_not_content() -> None:
 def test_parser_never_raises_on_non_string() -> None:
     regions, problems = parse_grounding(b"bytes")  # type: ignore[arg-type]
     assert regions == [] and problems
+
+
+def test_boxes_without_det_tag_and_det_without_ref() -> None:
+    regions, problems = parse_grounding("<|ref|>text<|/ref|>[[1, 2, 3, 4]]<|/det|>\nBare box")
+    assert [(r.boxes, r.text) for r in regions] == [(((1, 2, 3, 4),), "Bare box")]
+    assert problems == ["missing <|det|>"]
+    regions, problems = parse_grounding("<|det|>[[1, 2, 3, 4]]<|/det|>\nNo ref")
+    assert [r.text for r in regions] == ["No ref"] and problems
+    regions, _ = parse_grounding(
+        "<|ref|>text<|/ref|><|det|>[[1, 2, 3, 4]]<|/det|>\nA <|det|>[[5, 6, 7, 8]]<|/det|>B"
+    )
+    assert regions[0].text == "A B"
