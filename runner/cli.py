@@ -12,8 +12,12 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from runner.config import ENGINES, MODES, ConfigError, EngineConfig, RunConfig
+
+if TYPE_CHECKING:
+    from runner.executors.ray_executor import RayOptions
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ENGINE = 0, 1, 2, 3
 log = logging.getLogger("runner")
@@ -101,6 +105,9 @@ def build_parser(default_engine: str = "vllm") -> argparse.ArgumentParser:
     sc.add_argument("--num-shards", type=int, default=1)
     sc.add_argument("--shard-index", type=int, default=0)
     sc.add_argument("--gpus", help="one worker per GPU: '0,1,...' or 'all'")
+    from runner.executors.ray_executor import add_ray_arguments
+
+    add_ray_arguments(p)
 
     en = p.add_argument_group("model engine (vllm, hf)")
     d = EngineConfig()
@@ -275,6 +282,12 @@ def main(argv: list[str] | None = None, *, default_engine: str = "vllm") -> int:
         return int(e.code or 0)
     if args.s3_endpoint_url:
         os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint_url
+    if args.gpus and args.executor == "ray":
+        print(
+            "error: --gpus is the local launcher; with --executor ray use --ray-engine-actors",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     if args.gpus:
         from runner.launcher import run_multi_gpu
 
@@ -289,7 +302,16 @@ def main(argv: list[str] | None = None, *, default_engine: str = "vllm") -> int:
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    return run(cfg, log_file)
+    ray_options = None
+    if args.executor == "ray":
+        from runner.executors.ray_executor import options_from_args
+
+        try:
+            ray_options = options_from_args(args)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+    return run(cfg, log_file, ray_options)
 
 
 def _strip_option(argv: list[str], name: str) -> list[str]:
@@ -307,7 +329,7 @@ def _strip_option(argv: list[str], name: str) -> list[str]:
     return out
 
 
-def run(cfg: RunConfig, log_file: str) -> int:
+def run(cfg: RunConfig, log_file: str, ray_options: RayOptions | None = None) -> int:
     from runner.engines import EngineUnavailable, create_engine
     from runner.naming import docs_from_rels
     from runner.pipeline import Pipeline
@@ -330,20 +352,32 @@ def run(cfg: RunConfig, log_file: str) -> int:
         log.info("shard %d of %d: %d PDF(s)", cfg.shard_index, cfg.num_shards, len(docs))
     if not docs:
         log.warning("no PDF found under %s", cfg.input_root)
-    # Fail fast: an engine that cannot run here says so before any PDF is touched.
-    try:
-        engine = create_engine(cfg)
-    except EngineUnavailable as e:
-        log.error("%s", e)  # to the console and the log file
-        return EXIT_ENGINE
+    # Fail fast: an engine that cannot run here says so before any PDF is touched. With Ray the
+    # engine runs in the cluster's actors (the driver may have no GPU, no vLLM); they report it.
+    engine = None
+    if ray_options is None:
+        try:
+            engine = create_engine(cfg)
+        except EngineUnavailable as e:
+            log.error("%s", e)  # to the console and the log file
+            return EXIT_ENGINE
     progress = Progress(
         len(docs),
         cfg.progress if cfg.progress != "none" else "log",
         log_every_s=10.0 if cfg.progress != "none" else 1e9,
     )
-    pipe = Pipeline(cfg, create_engine, inputs, outputs, progress)
     try:
-        results = pipe.run(docs, engine=engine)
+        if ray_options is not None:
+            from runner.executors.ray_executor import run_ray
+
+            rr = run_ray(cfg, docs, inputs, outputs, progress, ray_options)
+            results, stats = rr.results, rr.stats
+            extra["executor"] = "ray"
+            extra["ray"] = rr.summary
+        else:
+            pipe = Pipeline(cfg, create_engine, inputs, outputs, progress)
+            results, stats = pipe.run(docs, engine=engine), pipe.stats
+            extra["executor"] = "local"
     except EngineUnavailable as e:
         progress.close()
         log.error("%s", e)
@@ -351,12 +385,12 @@ def run(cfg: RunConfig, log_file: str) -> int:
     finally:
         progress.close()
     wall = (
-        time.perf_counter() - pipe.stats.t0
-        if pipe.stats.engine_pages or pipe.stats.pages_done
+        time.perf_counter() - stats.t0
+        if stats.engine_pages or stats.pages_done
         else (time.perf_counter() - t0)
     )
     extra["log_file"] = log_file
-    summary = build_summary(cfg, results, pipe.stats, wall, extra)
+    summary = build_summary(cfg, results, stats, wall, extra)
     name = summary_name(cfg)
     outputs.write_bytes(name, dumps(summary))
     if cfg.report:

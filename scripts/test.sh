@@ -12,7 +12,7 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "torch==2.13.0"
 fi
-.venv/bin/python -m pip install -q -e ".[dev,hf,aws,report]"
+.venv/bin/python -m pip install -q -e ".[dev,hf,aws,report,ray]"
 # The report tests drive a real headless Chromium; they skip (with a reason) when it is missing.
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
