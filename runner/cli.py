@@ -100,6 +100,13 @@ def build_parser(default_engine: str = "vllm") -> argparse.ArgumentParser:
         help="a PDF with a larger share of failed pages counts as failed",
     )
     rt.add_argument("--engine-restarts", type=int, default=2, help="restarts of a dead engine per run")
+    rt.add_argument(
+        "--engine-stall-timeout",
+        type=float,
+        default=900.0,
+        help="seconds without any page coming back (pages in flight) before the engine "
+        "is treated as dead and restarted",
+    )
 
     sc = p.add_argument_group("scale-out")
     sc.add_argument("--num-shards", type=int, default=1)
@@ -138,6 +145,12 @@ def build_parser(default_engine: str = "vllm") -> argparse.ArgumentParser:
     en.add_argument("--cpu-offload-gb", type=float, default=d.cpu_offload_gb)
     en.add_argument("--hf-batch-size", type=int, default=d.hf_batch_size)
     en.add_argument("--device", help="Transformers engine device (cuda, cpu)")
+    en.add_argument(
+        "--warmup-pages",
+        type=int,
+        default=d.warmup_pages,
+        help="vLLM warm-up batch size before timing (-1 = min(max-num-seqs, 512), 0 = none)",
+    )
     return p
 
 
@@ -193,8 +206,14 @@ def config_from_args(args: argparse.Namespace, inputs: tuple[str, ...], root: st
         cpu_offload_gb=args.cpu_offload_gb,
         hf_batch_size=args.hf_batch_size,
         device=args.device,
+        warmup_pages=args.warmup_pages,
     )
-    batch = args.batch_pages or (512 if args.engine == "vllm" else 16)
+    if args.engine != "text":
+        ec = _apply_profile(ec)
+    # The window must exceed what the engine runs at once, or the GPU idles while pages render.
+    batch = args.batch_pages or (
+        ec.max_num_seqs + max(16, ec.max_num_seqs // 4) if args.engine == "vllm" else 16
+    )
     workers = args.render_workers or max(1, min(8, os.cpu_count() or 1))
     return RunConfig(
         inputs=inputs,
@@ -223,12 +242,42 @@ def config_from_args(args: argparse.Namespace, inputs: tuple[str, ...], root: st
         roi_labels=_split(args.roi_labels),
         max_page_error_rate=args.max_page_error_rate,
         engine_restarts=args.engine_restarts,
+        engine_stall_timeout_s=args.engine_stall_timeout,
         num_shards=args.num_shards,
         shard_index=args.shard_index,
         report=args.report,
         progress=args.progress,
         engine_config=ec,
     )
+
+
+def gpu_memory_gib() -> float | None:
+    """Total memory of the first visible NVIDIA GPU (nvidia-smi; no CUDA initialisation here)."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return None
+    env_ids = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    cmd = ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"]
+    if env_ids:
+        cmd += ["-i", env_ids]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=True).stdout
+        return float(out.split()[0]) / 1024.0
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def _apply_profile(ec: EngineConfig) -> EngineConfig:
+    from runner.profiles import apply_profile
+
+    total = gpu_memory_gib() if ec.profile != "default" else None
+    usable = total * ec.gpu_memory_utilization if total is not None else None
+    ec, reasons = apply_profile(ec, usable)
+    for r in reasons:
+        log.info("profile: %s", r)
+    return ec
 
 
 def setup_logging(log_file: str | None, quiet_console: bool = False) -> str:

@@ -23,7 +23,7 @@ class EngineConfig:
     enable_fp8_weights: bool = False
     quantization: str | None = None  # explicit vLLM quantization method (overrides fp8 weights)
     gpu_memory_utilization: float = 0.9
-    max_num_seqs: int = 256
+    max_num_seqs: int = 512  # measured faster than 256 on an H100 (tmp_pdf_runs/GPU_NOTES.md)
     max_model_len: int = 8192
     max_tokens: int = 8192
     tensor_parallel_size: int = 1
@@ -35,10 +35,11 @@ class EngineConfig:
     load_format: str = "auto"  # "dummy" for benchmarks with random weights
     ignore_eos: bool = False  # force the output length (benchmarks with dummy weights)
     cache_dir: str | None = None  # Hugging Face cache dir
-    profile: str = "default"  # "auto" | "default" | "low-vram"
+    profile: str = "auto"  # "auto" | "default" | "low-vram" (runner/profiles.py)
     cpu_offload_gb: float = 0.0
     hf_batch_size: int = 4
     device: str | None = None  # Transformers engine device ("cuda", "cpu"); None = auto
+    warmup_pages: int = -1  # vLLM warm-up batch before timing starts; -1 = min(max_num_seqs, 512)
 
     def __post_init__(self) -> None:
         if not 0.05 <= self.gpu_memory_utilization <= 1.0:
@@ -92,6 +93,7 @@ class RunConfig:
     roi_labels: tuple[str, ...] = ("table", "title", "text")
     max_page_error_rate: float = 0.1
     engine_restarts: int = 2
+    engine_stall_timeout_s: float = 900.0  # no page back for this long with pages in flight = dead
     num_shards: int = 1
     shard_index: int = 0
     report: bool = False

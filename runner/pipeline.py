@@ -135,6 +135,7 @@ class Pipeline:
         self.doc_results: list[DocResult] = []
         self._task_ids = 0
         self._req_ids = 0
+        self._request_resolution: str | None = None
 
     # ---------------------------------------------------------------- public
     def run(self, docs: list[InputDoc], engine: Engine | None = None) -> list[DocResult]:
@@ -206,6 +207,7 @@ class Pipeline:
         hook = getattr(engine, "worker_hook", None)
         want_table = bool(cfg.required_labels) and getattr(engine, "large_resolution", None) is not None
         last_tick = 0.0
+        last_output = time.monotonic()
 
         def in_flight() -> int:
             return len(rendering) + len(in_engine)
@@ -262,12 +264,21 @@ class Pipeline:
                 if req is not None:
                     in_engine[req.request_id] = (w, req)
                     engine.submit([req])
-            # 4. poll the engine
-            if engine.pending() > 0:
+            # 4. poll the engine whenever we wait for an answer: an engine's own ``pending()``
+            #    count is never trusted to decide whether a page can still come back.
+            if in_engine or engine.pending() > 0:
                 try:
                     outputs = engine.poll(timeout=0.0 if rendering or render_jobs else 0.02)
+                    if outputs or not in_engine:
+                        last_output = time.monotonic()
+                    elif time.monotonic() - last_output > cfg.engine_stall_timeout_s:
+                        raise EngineDied(
+                            f"no page came back for {cfg.engine_stall_timeout_s:g} s with "
+                            f"{len(in_engine)} in flight (engine reports {engine.pending()} pending)"
+                        )
                 except EngineDied as e:
                     engine = self._restart_engine(engine, e, in_engine)
+                    last_output = time.monotonic()
                     outputs = []
                 for out in outputs:
                     item = in_engine.pop(out.request_id, None)
@@ -368,6 +379,15 @@ class Pipeline:
     def _record_failed(self, d: InputDoc, error: str, seconds: float = 0.0, num_pages: int = 0) -> None:
         src = self.inputs.uri(d.rel)
         log.error("FAILED %s: %s", src, error)
+        # One Markdown file per input, even for a PDF that could not be read: a stub that says
+        # why (no done marker, so a rerun tries again). Never replaces real earlier output.
+        try:
+            if not self.outputs.exists(d.output_stem + ".md") or self.cfg.force:
+                stub = f"[[Document not converted: {html.escape(error)}]]\n"
+                self.outputs.write_bytes(d.output_stem + ".md", stub.encode("utf-8"))
+            self.outputs.delete(d.output_stem + ".done")
+        except Exception as e:  # the failure is already recorded; a stub is best effort
+            log.warning("%s: could not write the failure stub: %s", src, e)
         self.doc_results.append(
             DocResult(
                 d.doc_key, src, d.output_stem, "failed", error=error, seconds=seconds, num_pages=num_pages
@@ -457,6 +477,7 @@ class Pipeline:
             prompt_mode=self.cfg.mode,
             attempt=attempt,
             temperature=temperature,
+            resolution=self._request_resolution if w.phase == "large" else None,
         )
 
     def _on_output(
@@ -482,7 +503,7 @@ class Pipeline:
             Attempt(
                 attempt=req.attempt,
                 temperature=req.temperature,
-                resolution=getattr(engine, "resolution", None),
+                resolution=req.resolution or getattr(engine, "resolution", None),
                 finish_reason=out.finish_reason,
                 stopped_by_eos=out.stopped_by_eos,
                 output_tokens=out.output_tokens,
@@ -788,6 +809,18 @@ class Pipeline:
     def _large_phase(self, engine: Engine, pool: RenderPool, waiting: list[_PageWork]) -> Engine:
         large_res = getattr(engine, "large_resolution", None)
         log.info("Large-mode pass: %d page(s) at resolution %s", len(waiting), large_res)
+        jobs: deque[_PageWork] = deque()
+        for w in waiting:
+            w.phase = "large"
+            jobs.append(w)
+        if getattr(engine, "supports_request_resolution", False):
+            # The engine takes the resolution per request: no second engine, no second start-up.
+            self._request_resolution = large_res
+            try:
+                return self._drive(engine, pool, phase="large", jobs=jobs)
+            finally:
+                self._request_resolution = None
+        # vLLM's stock processor has a process-global resolution: one Large engine for the run.
         with contextlib.suppress(Exception):
             engine.close()
         ec = dataclasses.replace(self.cfg.engine_config, resolution=large_res)
@@ -796,10 +829,6 @@ class Pipeline:
         t = time.perf_counter()
         large.start()
         self.stats.engine_startup_s += time.perf_counter() - t
-        jobs: deque[_PageWork] = deque()
-        for w in waiting:
-            w.phase = "large"
-            jobs.append(w)
         return self._drive(large, pool, phase="large", jobs=jobs)
 
     def _restart_engine(

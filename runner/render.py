@@ -136,6 +136,8 @@ def _do_render(cache: dict[str, Any], t: RenderTask, hook_fn: Any) -> PageImage:
     if t.want_markdown and not blank:
         markdown = _page_markdown(doc, t.page_index)
     extra: dict[str, Any] = {}
+    if t.clip is not None:
+        extra["clip"] = tuple(round(v, 2) for v in t.clip)
     if t.want_table_check and not blank:
         extra["has_table"] = _has_table(page)
     pixels = pix.samples if pix is not None else b""

@@ -50,6 +50,7 @@ class FakeEngine:
     hostile: bool = False
     delay_s: float = 0.0
     die_after_outputs: int | None = None  # raise EngineDied once after this many outputs
+    lose_once: int | None = None  # silently drop the Nth request (a stalled engine), once
     max_batch: int = 8
     # bookkeeping for assertions
     seen: list[Seen] = field(default_factory=list)  # light records: holding requests would hold pixels
@@ -117,6 +118,10 @@ class FakeEngine:
         outs = []
         for _ in range(min(self.max_batch, len(self._queue))):
             req = self._queue.popleft()
+            if self.lose_once is not None and self._outputs == self.lose_once:
+                self.lose_once = None
+                self._outputs += 1
+                continue  # never answered, and pending() no longer counts it
             if self.delay_s:
                 time.sleep(self.delay_s)
             text = self._answer(req)

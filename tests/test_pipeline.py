@@ -123,6 +123,7 @@ def test_bad_inputs_are_per_file_errors(tmp_path, run_fake):
         assert by[name]["error"], name
         assert not (out / (Path(name).stem + ".done")).exists()
     assert "zero pages" in by["zero.pdf"]["error"]
+    assert "[[Document not converted: cannot open PDF" in (out / "not_a_pdf.md").read_text()
     assert "password" in by["locked.pdf"]["error"]
     log_text = (tmp_path / "run.log").read_text()
     assert "locked.pdf" in log_text and "secret" not in log_text

@@ -173,3 +173,13 @@ def test_roi_pass_off_in_clean_mode(tmp_path, run_fake):
     pdfgen.text_pdf(src / "a.pdf", pages=1)
     code, out, _ = run_fake(src, "--roi-pass")
     assert code == 0 and _recs(out, "a")[0]["status"] == "ok"
+
+
+def test_stalled_engine_is_detected_and_pages_resent(tmp_path, run_fake):
+    src = tmp_path / "in"
+    pdfgen.text_pdf(src / "a.pdf", pages=4)
+    code, out, factory = run_fake(src, "--engine-stall-timeout", "2", lose_once=2)
+    assert code == 0
+    assert [r["status"] for r in _recs(out, "a")] == ["ok"] * 4
+    assert factory.engines[-1].restarts == 1
+    assert json.loads((out / "_run_summary.json").read_text())["engine_restarts"] == 1

@@ -70,67 +70,115 @@ def reference_banned(output_ids: Sequence[int], params: GuardParams) -> set[int]
         # n == 1: upstream slices ``output_ids[-(n - 1):]`` == the whole list, so it never bans
         # anything; kept identical on purpose (a 1-gram ban would forbid every recent token).
         return set()
-    prefix = tuple(output_ids[len(output_ids) - (n - 1):])
+    prefix = tuple(output_ids[len(output_ids) - (n - 1) :])
     start = max(0, len(output_ids) - w)
     end = len(output_ids) - n + 1
     banned = set()
     for i in range(start, end):
-        gram = tuple(output_ids[i:i + n])
+        gram = tuple(output_ids[i : i + n])
         if gram[:-1] == prefix:
             banned.add(gram[-1])
     return banned - set(params.whitelist)
 
 
-class _Row:
-    """Rolling history of one request: the last ``window`` real tokens, -1 padded on the left."""
+_HASH_BASE = np.uint64(0x9E3779B97F4A7C15)  # odd: multiplying by its powers is a bijection mod 2**64
 
-    __slots__ = ("params", "out", "seen", "hist", "length")
 
-    def __init__(self, params: GuardParams, out: list[int]) -> None:
+class _Pool:
+    """History slots of every request sharing one ``GuardParams``: a (capacity, window) array,
+    -1 padded on the left, newest token last. A slot stays with its request when vLLM moves it."""
+
+    def __init__(self, params: GuardParams) -> None:
         self.params = params
-        self.out = out  # reference to vLLM's growing list of this request's output tokens
-        self.seen = 0  # how many entries of ``out`` are folded into ``hist``
-        self.hist = np.full(params.window, -1, dtype=np.int64)
+        self.hist = np.full((8, params.window), -1, dtype=np.int64)
+        self.free = list(range(7, -1, -1))
+        w = params.window
+        self.powers = np.cumprod(np.full(w + 1, _HASH_BASE, dtype=np.uint64), dtype=np.uint64)
+        self.powers = np.concatenate([np.ones(1, dtype=np.uint64), self.powers[:-1]])  # R**0 .. R**w
+
+    def take(self) -> int:
+        if not self.free:
+            cap = self.hist.shape[0]
+            grown = np.full((cap * 2, self.params.window), -1, dtype=np.int64)
+            grown[:cap] = self.hist
+            self.hist = grown
+            self.free = list(range(cap * 2 - 1, cap - 1, -1))
+        slot = self.free.pop()
+        self.hist[slot] = -1
+        return slot
+
+    def give(self, slot: int) -> None:
+        self.free.append(slot)
+
+
+class _Row:
+    """One request: its output-token list (a reference into vLLM), pool slot and counters."""
+
+    __slots__ = ("length", "out", "pool", "seen", "slot")
+
+    def __init__(self, pool: _Pool, out: list[int]) -> None:
+        self.pool = pool
+        self.slot = pool.take()
+        self.out = out
+        self.seen = 0  # entries of ``out`` folded into the history
         self.length = 0  # real tokens seen in total
 
-    def sync(self) -> None:
-        out = self.out
-        end = len(out)
-        # Async scheduling appends -1 placeholders that vLLM repairs before sampling; never fold
-        # a placeholder into the history.
-        while end > self.seen and out[end - 1] < 0:
-            end -= 1
+    def sync_slow(self, end: int) -> None:
+        """Fold ``out[seen:end]`` into the history (several tokens at once)."""
         k = end - self.seen
-        if k <= 0:
-            return
-        w = self.hist.shape[0]
-        new = np.asarray(out[self.seen:end] if k <= w else out[end - w:end], dtype=np.int64)
+        hist = self.pool.hist[self.slot]
+        w = hist.shape[0]
+        new = np.asarray(self.out[max(self.seen, end - w) : end], dtype=np.int64)
         m = new.shape[0]
         if m >= w:
-            self.hist[:] = new[-w:]
+            hist[:] = new[-w:]
         else:
-            self.hist[:-m] = self.hist[m:]
-            self.hist[-m:] = new
+            hist[:-m] = hist[m:]
+            hist[-m:] = new
         self.seen = end
         self.length += k
 
 
-def _banned_for_group(hist: np.ndarray, params: GuardParams, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Vectorised check for rows sharing ``params``: (row positions, banned tokens)."""
+def _banned_for_group(
+    hist: np.ndarray, params: GuardParams, powers: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Vectorised check for rows sharing ``params`` (each row has >= n real tokens).
+
+    Returns (row positions, banned tokens). Candidate windows are found with a polynomial hash
+    over prefix sums (a few passes over the (rows, window) array instead of a rows x window x n
+    comparison), then verified exactly, so hash collisions cannot ban anything.
+    """
     n, w = params.ngram_size, params.window
+    empty = np.empty(0, np.int64)
     if n > w or n == 1:  # no n-gram fits in the window; n == 1 bans nothing upstream either
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    nxt = hist[:, n - 1:]  # token completing each candidate n-gram: (b, w - n + 1)
-    prefix = hist[:, w - n + 1:]  # the last n - 1 tokens: (b, n - 1)
-    windows = np.lib.stride_tricks.sliding_window_view(hist, n - 1, axis=1)[:, : w - n + 1]
-    match = (windows == prefix[:, None, :]).all(axis=2)
-    valid = match & (nxt >= 0) & (lengths[:, None] >= n)
-    if params.whitelist:
-        valid &= ~np.isin(nxt, np.asarray(params.whitelist, dtype=np.int64))
-    rows, cols = np.nonzero(valid)
+        return empty, empty
+    if powers is None:
+        powers = np.concatenate(
+            [
+                np.ones(1, dtype=np.uint64),
+                np.cumprod(np.full(w, _HASH_BASE, dtype=np.uint64), dtype=np.uint64),
+            ]
+        )
+    m, s = n - 1, w - n + 1  # prefix length; number of candidate windows (= start of the prefix)
+    x = (hist.astype(np.uint64) + np.uint64(1)) * powers[:w]  # pads (-1) weigh 0
+    csum = np.zeros((hist.shape[0], w + 1), dtype=np.uint64)
+    np.cumsum(x, axis=1, out=csum[:, 1:])
+    seg = csum[:, m : m + s] - csum[:, :s]  # window j, scaled by R**j
+    target = csum[:, w] - csum[:, s]  # the prefix, scaled by R**s
+    cand = seg * powers[s:0:-1] == target[:, None]
+    rows, cols = np.nonzero(cand)
     if rows.size == 0:
-        return rows, rows
-    toks = nxt[rows, cols]
+        return empty, empty
+    idx = cols[:, None] + np.arange(m)
+    exact = (hist[rows[:, None], idx] == hist[rows, s:]).all(axis=1)
+    rows, cols = rows[exact], cols[exact]
+    toks = hist[rows, cols + m]
+    keep = toks >= 0
+    if params.whitelist:
+        keep &= ~np.isin(toks, np.asarray(params.whitelist, dtype=np.int64))
+    rows, toks = rows[keep], toks[keep]
+    if rows.size == 0:
+        return empty, empty
     # One entry per (row, token): banning twice is harmless but wastes a scatter.
     key = np.unique(rows.astype(np.int64) * (1 << 32) + toks)
     return key >> 32, key & 0xFFFFFFFF
@@ -141,6 +189,7 @@ class GuardState:
 
     def __init__(self) -> None:
         self.rows: dict[int, _Row] = {}
+        self.pools: dict[GuardParams, _Pool] = {}
 
     # -- batch bookkeeping (vLLM's order: removed, added, moved) ---------------------------------
     def update(
@@ -153,49 +202,81 @@ class GuardState:
         ``moved`` holds (a, b, swap): a one-way move a->b when ``swap`` is false."""
         rows = self.rows
         for index in removed:
-            rows.pop(index, None)
+            self._drop(index)
         for index, extra, out in added:
+            self._drop(index)
             params = GuardParams.from_extra_args(extra)
-            if params is None:
-                rows.pop(index, None)
-            else:
-                rows[index] = _Row(params, out)
+            if params is not None:
+                pool = self.pools.get(params)
+                if pool is None:
+                    pool = self.pools[params] = _Pool(params)
+                rows[index] = _Row(pool, out)
         for a, b, swap in moved:
             ra, rb = rows.pop(a, None), rows.pop(b, None)
             if ra is not None:
                 rows[b] = ra
-            if swap and rb is not None:
-                rows[a] = rb
+            if rb is not None:
+                if swap:
+                    rows[a] = rb
+                else:  # a one-way move overwrites b
+                    rb.pool.give(rb.slot)
+
+    def _drop(self, index: int) -> None:
+        row = self.rows.pop(index, None)
+        if row is not None:
+            row.pool.give(row.slot)
 
     # -- the per-step check ----------------------------------------------------------------------
     def banned(self) -> tuple[np.ndarray, np.ndarray]:
         """Sync every row with its output list and return (batch indices, banned token ids)."""
+        empty = np.empty(0, np.int64)
         if not self.rows:
-            empty = np.empty(0, np.int64)
             return empty, empty
-        groups: dict[GuardParams, list[tuple[int, _Row]]] = {}
+        # 1) fold new tokens in: one token per row per step is the common case, done in one
+        #    vectorised shift per pool; anything else (first sync, several tokens) row by row.
+        shift: dict[_Pool, tuple[list[int], list[int]]] = {}
+        ready: dict[_Pool, tuple[list[int], list[int]]] = {}
         for index, row in self.rows.items():
-            row.sync()
-            if row.length >= row.params.ngram_size:
-                groups.setdefault(row.params, []).append((index, row))
+            out = row.out
+            end = len(out)
+            # Async scheduling appends -1 placeholders that vLLM repairs before sampling.
+            while end > row.seen and out[end - 1] < 0:
+                end -= 1
+            if end == row.seen + 1:
+                slots, toks = shift.setdefault(row.pool, ([], []))
+                slots.append(row.slot)
+                toks.append(out[end - 1])
+                row.seen = end
+                row.length += 1
+            elif end > row.seen:
+                row.sync_slow(end)
+            if row.length >= row.pool.params.ngram_size:
+                idx, slots2 = ready.setdefault(row.pool, ([], []))
+                idx.append(index)
+                slots2.append(row.slot)
+        for pool, (slots, toks) in shift.items():
+            sl = np.asarray(slots, dtype=np.int64)
+            h = pool.hist
+            h[sl, :-1] = h[sl, 1:]
+            h[sl, -1] = toks
+        # 2) one vectorised check per pool
         out_rows: list[np.ndarray] = []
         out_toks: list[np.ndarray] = []
-        for params, members in groups.items():
-            hist = np.stack([r.hist for _, r in members])
-            lengths = np.fromiter((r.length for _, r in members), dtype=np.int64, count=len(members))
-            pos, toks = _banned_for_group(hist, params, lengths)
+        for pool, (idx, slots) in ready.items():
+            pos, toks_b = _banned_for_group(
+                pool.hist[np.asarray(slots, dtype=np.int64)], pool.params, pool.powers
+            )
             if pos.size:
-                idx = np.fromiter((i for i, _ in members), dtype=np.int64, count=len(members))
-                out_rows.append(idx[pos])
-                out_toks.append(toks)
+                out_rows.append(np.asarray(idx, dtype=np.int64)[pos])
+                out_toks.append(toks_b)
         if not out_rows:
-            empty = np.empty(0, np.int64)
             return empty, empty
         return np.concatenate(out_rows), np.concatenate(out_toks)
 
 
-def apply_bans(logits: Any, rows: np.ndarray, toks: np.ndarray, *, pin_memory: bool = False,
-               neg_inf: Any = None) -> Any:
+def apply_bans(
+    logits: Any, rows: np.ndarray, toks: np.ndarray, *, pin_memory: bool = False, neg_inf: Any = None
+) -> Any:
     """Set ``logits[rows, toks] = -inf`` in place (torch tensor on any device); returns ``logits``.
 
     Nothing here may wait for the GPU: the indices go up from pinned memory without blocking and

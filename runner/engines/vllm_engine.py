@@ -1,0 +1,459 @@
+"""The vLLM engine (engine stage): DeepSeek-OCR / DeepSeek-OCR-2 on upstream vLLM, streaming.
+
+In: ``PageRequest`` (page pixels plus, when the render workers ran ``worker_hook``, the model's
+input tensors already computed, see ``runner/vllm_plugin/preprocess.py``). Out: ``EngineOutput``
+with finish reason, token counts and whether the model stopped by itself (EOS).
+
+Design (issue 7, numbers in ``tmp_pdf_runs/GPU_NOTES.md``):
+1. Image preprocessing runs in the render worker processes (``worker_hook``), not here: upstream's
+   processor costs ~120-235 ms per page on one core and capped the seeds at 3-6 pages/s.
+2. A plugin processor (``runner/vllm_plugin/fast_processor.py``) accepts those tensors, so the
+   feeding thread only tokenises a short prompt and hands buffers to the engine core.
+3. One feeding thread owns vLLM's ``LLMEngine`` (``add_request`` + ``step``); ``submit``/``poll``
+   only touch thread-safe queues, so the scheduler never blocks on generation. The engine core
+   runs in its own process and keeps the GPU busy while this thread prepares the next requests.
+4. The repetition guard is a batch-level, vectorised logits processor
+   (``runner/vllm_plugin/guard_processor.py``) instead of upstream's per-request Python one.
+
+vLLM is imported only in ``start()``; the constructor is cheap and raises ``EngineUnavailable``
+at once on machines that cannot run vLLM.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from runner.adapters import EOS_TOKEN, ModelAdapter, adapter_for_config
+from runner.engines.base import EngineDied, EngineUnavailable
+from runner.records import EngineOutput, PageRequest
+
+if TYPE_CHECKING:
+    from runner.config import EngineConfig, RunConfig
+
+log = logging.getLogger(__name__)
+
+GUARD_FQCN = "runner.vllm_plugin.guard_processor:NGramGuardLogitsProcessor"
+HOOK_FN = "runner.vllm_plugin.preprocess:worker_hook"
+INSTALL_HINT = (
+    "pip install '.[vllm]' on a Linux machine with an NVIDIA GPU, or use --engine hf / --engine text"
+)
+TESTED_VLLM = ("0.26.0",)
+
+
+def vllm_unavailable_reason() -> str | None:
+    """Why vLLM cannot run here (cheap: no import of vllm or torch), or None."""
+    if importlib.util.find_spec("vllm") is None:
+        return f"vLLM is not installed: {INSTALL_HINT}"
+    if not (
+        Path("/dev/nvidiactl").exists()
+        or Path("/proc/driver/nvidia/version").exists()
+        or os.environ.get("RUNNER_ASSUME_GPU") == "1"
+    ):
+        return f"no NVIDIA GPU/driver found on this machine: {INSTALL_HINT}"
+    return None
+
+
+def adapter_for_model(model: str) -> ModelAdapter:
+    """The adapter for ``--model`` without downloading anything (local config.json, or hub id)."""
+    import json
+
+    from runner.adapters import ADAPTERS
+
+    cfg = Path(model).expanduser() / "config.json"
+    if cfg.is_file():
+        return adapter_for_config(json.loads(cfg.read_text(encoding="utf-8")))
+    for a in ADAPTERS.values():
+        if a.default_model.lower() == model.lower():
+            return a
+    return ADAPTERS["deepseek-ocr-2"] if "ocr-2" in model.lower() else ADAPTERS["deepseek-ocr"]
+
+
+def view_spec(adapter: ModelAdapter, resolution: str | None) -> Any:
+    from runner.vllm_plugin.preprocess import ViewSpec
+
+    r = adapter.resolution(resolution)
+    return ViewSpec(r.base_size, r.image_size, r.crop_mode, "v2" if adapter.key == "deepseek-ocr-2" else "v1")
+
+
+def engine_kwargs(ec: EngineConfig, model_path: str, guard: bool) -> dict[str, Any]:
+    """``vllm.LLM`` keyword arguments for an ``EngineConfig`` (pure; tested without vLLM)."""
+    kw: dict[str, Any] = dict(
+        model=model_path,
+        tokenizer=model_path,
+        trust_remote_code=False,
+        dtype="bfloat16",
+        kv_cache_dtype=ec.kv_cache_dtype,
+        gpu_memory_utilization=ec.gpu_memory_utilization,
+        max_num_seqs=ec.max_num_seqs,
+        max_model_len=ec.max_model_len,
+        tensor_parallel_size=ec.tensor_parallel_size,
+        seed=ec.seed,
+        load_format=ec.load_format,
+        limit_mm_per_prompt={"image": 1},
+        # Inputs arrive as precomputed tensors with explicit ids: no processor cache needed, and
+        # the dict input path is vLLM's "embeddings" path, which must be enabled.
+        mm_processor_cache_gb=0,
+        enable_mm_embeds=True,
+        disable_log_stats=True,
+    )
+    if ec.cache_dir:
+        kw["download_dir"] = ec.cache_dir
+    if ec.quantization:
+        kw["quantization"] = ec.quantization
+    elif ec.enable_fp8_weights:
+        kw["quantization"] = "fp8"
+    if ec.mm_encoder_tp_mode:
+        kw["mm_encoder_tp_mode"] = ec.mm_encoder_tp_mode
+    if ec.cpu_offload_gb:
+        kw["cpu_offload_gb"] = ec.cpu_offload_gb
+    if guard:
+        kw["logits_processors"] = [GUARD_FQCN]
+    return kw
+
+
+@dataclass(frozen=True)
+class _Pending:
+    request: PageRequest
+    submitted: float
+
+
+class VllmEngine:
+    """Streaming engine over vLLM's ``LLMEngine``; see the module docstring."""
+
+    name = "vllm"
+    needs_pixels = True
+    needs_text_markdown = False
+    check_degenerate = True
+    #: the fast processor (runner/vllm_plugin) takes the resolution per request, so the Large pass
+    #: reuses this engine instead of starting a second one
+    supports_request_resolution = True
+
+    @property
+    def large_resolution(self) -> str:
+        return self.adapter.large_resolution
+
+    @property
+    def resolution(self) -> str:
+        return self.ec.resolution or self.adapter.default_resolution
+
+    def __init__(self, config: RunConfig) -> None:
+        reason = vllm_unavailable_reason()
+        if reason:
+            raise EngineUnavailable(reason)
+        self.cfg = config
+        self.ec = config.engine_config
+        self.adapter = adapter_for_model(self.ec.model)
+        self.spec = view_spec(self.adapter, self.ec.resolution)
+        #: run by the render workers on every non-blank page (see runner/render.py)
+        self.worker_hook: tuple[str, dict[str, Any]] | None = (HOOK_FN, self.spec.as_kwargs())
+        self._llm: Any = None
+        self._inbox: queue.Queue[PageRequest | None] = queue.Queue()
+        self._outbox: queue.Queue[EngineOutput] = queue.Queue()
+        self._pending: dict[str, _Pending] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._dead: BaseException | None = None
+        self._guard_args: dict[str, Any] = {}
+        self.startup_seconds = 0.0
+        self.stats = {"steps": 0, "added": 0, "host_prep_s": 0.0, "slow_prep": 0}
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        t0 = time.perf_counter()
+        # The engine core must not be forked from a process that already holds render-pool pipes
+        # and threads: seen on the GPU machine, a forked engine core under the CLI lost half of
+        # a run's pages (GPU_NOTES.md). Spawn, as every other worker process of the runner.
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        import vllm
+
+        from runner.model_files import resolve_model
+        from runner.vllm_plugin.fast_processor import register
+
+        if vllm.__version__ not in TESTED_VLLM:
+            log.warning("vLLM %s is outside the tested range %s", vllm.__version__, TESTED_VLLM)
+        files = resolve_model(self.ec.model, self.ec.cache_dir)
+        self.adapter = files.adapter
+        self.spec = view_spec(self.adapter, self.ec.resolution)
+        self.worker_hook = (HOOK_FN, self.spec.as_kwargs())
+        register()
+        self._model_path = files.path
+        self._build()
+        self._warmup()
+        self._start_thread()
+        self.startup_seconds = time.perf_counter() - t0
+        log.info("vLLM engine ready in %.1f s (%s, %s)", self.startup_seconds, self.adapter.key, files.path)
+
+    def _build(self) -> None:
+        from vllm import LLM
+
+        kw = engine_kwargs(self.ec, self._model_path, self.ec.guard)
+        self._llm = LLM(**kw)
+        tok = self._llm.get_tokenizer()
+        ids = self.adapter.resolve_special_tokens(tok)
+        self._eos_id = ids.eos
+        guard = self.adapter.guard
+        from runner.engines.guard import GuardParams
+
+        self._guard_args = (
+            GuardParams(
+                self.ec.ngram_size or guard.ngram_size,
+                self.ec.ngram_window or guard.window,
+                tuple(sorted(ids.whitelist)),
+            ).extra_args()
+            if self.ec.guard
+            else {}
+        )
+
+    def _start_thread(self) -> None:
+        self._dead = None
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="vllm-feed", daemon=True)
+        self._thread.start()
+
+    def _warmup(self) -> None:
+        """Run one full batch of tiny synthetic requests before the engine counts as ready.
+
+        Measured on an H100 (GPU_NOTES.md): the first real batch ran 3x slower than later ones
+        (Triton JIT of the MoE kernel for shapes vLLM's own warm-up does not cover, first encoder
+        batches). Paying that here keeps it out of the pages' time; it is start-up time.
+        """
+        n = int(getattr(self.ec, "warmup_pages", -1))
+        if n < 0:
+            n = min(self.ec.max_num_seqs, 512)
+        if n == 0:
+            return
+        from PIL import Image
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        from runner.vllm_plugin.fast_processor import prepared_to_mm_data
+        from runner.vllm_plugin.preprocess import prepare_image
+
+        t0 = time.perf_counter()
+        prepared = prepare_image(Image.new("RGB", (1190, 1684), "white"), self.spec)
+        mm = prepared_to_mm_data(prepared)
+        params = SamplingParams(
+            temperature=0.0,
+            max_tokens=16,
+            ignore_eos=True,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+            extra_args=dict(self._guard_args) if self._guard_args else None,
+        )
+        engine = self._llm.llm_engine
+        for i in range(n):
+            engine.add_request(
+                f"warmup-{i}",
+                {
+                    "prompt": self.adapter.prompt("clean"),
+                    "multi_modal_data": {"image": mm},
+                    "multi_modal_uuids": {"image": [f"warmup-{i}"]},
+                },
+                params,
+            )
+        while engine.has_unfinished_requests():
+            engine.step()
+        log.info("vLLM warm-up: %d synthetic pages in %.1f s", n, time.perf_counter() - t0)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self._thread = None
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception as e:  # shutting down a dead engine may raise anything; log it
+                log.debug("engine shutdown: %r", e)
+            del llm
+            gc.collect()
+
+    def restart(self) -> None:
+        """Drop in-flight work and rebuild the engine (after ``EngineDied``)."""
+        log.warning("restarting the vLLM engine")
+        self.close()
+        with self._lock:
+            self._pending.clear()
+        self._inbox = queue.Queue()
+        self._outbox = queue.Queue()
+        self._build()
+        self._start_thread()
+
+    # -- protocol -------------------------------------------------------------------------------
+    def submit(self, requests: Sequence[PageRequest]) -> None:
+        if self._dead is not None:
+            raise EngineDied(f"vLLM engine died: {self._dead!r}")
+        now = time.perf_counter()
+        with self._lock:
+            for r in requests:
+                self._pending[r.request_id] = _Pending(r, now)
+        for r in requests:
+            self._inbox.put(r)
+
+    def poll(self, timeout: float = 0.0) -> list[EngineOutput]:
+        out: list[EngineOutput] = []
+        try:
+            out.append(self._outbox.get(timeout=timeout) if timeout > 0 else self._outbox.get_nowait())
+        except queue.Empty:
+            pass
+        while True:
+            try:
+                out.append(self._outbox.get_nowait())
+            except queue.Empty:
+                break
+        if out:
+            # A request stops being pending when poll hands it over, not when vLLM finishes it:
+            # the scheduler polls only while pending() > 0, so counting finished-but-unpolled
+            # outputs as done stranded them in the outbox (seen on the GPU machine: CLI runs
+            # stopped after the first wave of pages, GPU_NOTES.md).
+            with self._lock:
+                for o in out:
+                    self._pending.pop(o.request_id, None)
+        elif self._dead is not None:
+            raise EngineDied(f"vLLM engine died: {self._dead!r}")
+        return out
+
+    def pending(self) -> int:
+        """Requests submitted and not yet returned by ``poll`` (finished-but-unpolled included)."""
+        with self._lock:
+            return len(self._pending)
+
+    # -- feeding thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self._llm.llm_engine
+        beat = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                if self._pending and time.monotonic() - beat > 10:
+                    # Heartbeat for diagnosing stalls (a CLI run on the GPU machine stopped
+                    # returning pages with vLLM's engine core idle; GPU_NOTES.md).
+                    beat = time.monotonic()
+                    log.info(
+                        "vllm engine: pending=%d inbox=%d vllm_unfinished=%d steps=%d added=%d",
+                        len(self._pending),
+                        self._inbox.qsize(),
+                        engine.get_num_unfinished_requests(),
+                        self.stats["steps"],
+                        self.stats["added"],
+                    )
+                busy = engine.has_unfinished_requests()
+                self._drain_inbox(engine, block=not busy)
+                if self._stop.is_set():
+                    break
+                if engine.has_unfinished_requests():
+                    for ro in engine.step():
+                        if ro.finished:
+                            self._finish(ro)
+                    self.stats["steps"] += 1
+        except Exception as e:  # the engine core died (EngineDeadError) or stepping broke
+            if not self._stop.is_set():
+                log.exception("vLLM engine failed; in-flight pages will be resubmitted after a restart")
+                self._dead = e
+
+    def _drain_inbox(self, engine: Any, *, block: bool) -> None:
+        while True:
+            try:
+                item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if item is None:
+                return
+            block = False
+            t0 = time.perf_counter()
+            try:
+                prompt, params = self._make_request(item)
+                engine.add_request(item.request_id, prompt, params)
+            except Exception as e:  # a request vLLM refuses (or that cannot be prepared) fails alone
+                log.warning("request %s refused: %s: %s", item.request_id, type(e).__name__, e)
+                self._fail(item, f"{type(e).__name__}: {e}")
+                continue
+            finally:
+                self.stats["host_prep_s"] += time.perf_counter() - t0
+            self.stats["added"] += 1
+
+    def _make_request(self, req: PageRequest) -> tuple[dict[str, Any], Any]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        from runner.vllm_plugin.fast_processor import prepared_to_mm_data
+        from runner.vllm_plugin.preprocess import prepare_image
+
+        spec = self.spec if req.resolution is None else view_spec(self.adapter, req.resolution)
+        prepared = None if req.image_override is not None else req.image.extra.get("hook")
+        if prepared is None or getattr(prepared, "spec", None) != spec:
+            self.stats["slow_prep"] += 1
+            img = req.image_override if req.image_override is not None else req.image.to_pil()
+            prepared = prepare_image(img, spec)
+        # The id keys vLLM's prefix cache: same page + same view = same image features.
+        # A crop of the page (ROI pass) is another image: its size and clip are part of the key.
+        key = (
+            f"{req.image.doc_key}:{req.image.page_index}:{req.image.width}x{req.image.height}:"
+            f"{req.image.extra.get('clip')}:{spec.base_size}:{spec.image_size}:{spec.crop_mode}"
+            if req.image_override is None
+            else uuid.uuid4().hex
+        )
+        prompt = {
+            "prompt": self.adapter.prompt(req.prompt_mode),
+            "multi_modal_data": {"image": prepared_to_mm_data(prepared)},
+            "multi_modal_uuids": {"image": [key]},
+        }
+        params = SamplingParams(
+            temperature=req.temperature,
+            max_tokens=self.ec.max_tokens,
+            ignore_eos=self.ec.ignore_eos,
+            skip_special_tokens=False,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+            extra_args=dict(self._guard_args) if self._guard_args else None,
+            seed=self.ec.seed if req.temperature > 0 else None,
+        )
+        return prompt, params
+
+    def _finish(self, ro: Any) -> None:
+        with self._lock:
+            p = self._pending.get(ro.request_id)
+        if p is None:
+            return
+        c = ro.outputs[0]
+        text = c.text
+        if text.endswith(EOS_TOKEN):
+            text = text[: -len(EOS_TOKEN)]
+        finish = c.finish_reason
+        eos = finish == "stop" and c.stop_reason is None
+        self._outbox.put(
+            EngineOutput(
+                request_id=ro.request_id,
+                text=text,
+                finish_reason=finish,
+                stopped_by_eos=eos,
+                prompt_tokens=len(ro.prompt_token_ids or ()),
+                output_tokens=len(c.token_ids),
+                seconds=time.perf_counter() - p.submitted,
+            )
+        )
+
+    def _fail(self, req: PageRequest, error: str) -> None:
+        with self._lock:
+            p = self._pending.get(req.request_id)
+        self._outbox.put(
+            EngineOutput(
+                request_id=req.request_id,
+                text="",
+                finish_reason="error",
+                error=error,
+                seconds=time.perf_counter() - (p.submitted if p else time.perf_counter()),
+            )
+        )

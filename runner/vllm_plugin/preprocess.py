@@ -1,0 +1,160 @@
+"""DeepSeek-OCR image preprocessing for the render workers (render stage, for the vLLM engine).
+
+vLLM's own ``DeepseekOCRProcessor`` (``vllm/transformers_utils/processors/deepseek_ocr.py``) runs
+serially in the process that feeds the engine: ~120-235 ms per A4 page, mostly PIL resizes and
+float32 tensor work, which capped the seeds at ~3-6 pages/s (issue 7). This module computes the
+same model inputs in the render worker processes, in parallel, so the feeding thread only wraps
+ready buffers:
+
+- the same PIL operations in the same order (``ImageOps.pad`` global view, ``resize`` + ``crop``
+  tiles, the same tile-grid choice), so the uint8 pixels are identical;
+- normalisation ``(x / 255 - 0.5) / 0.5`` in float32 followed by the cast to bfloat16 that vLLM
+  applies to processor outputs (``InputProcessingContext.call_hf_processor``), done as one
+  256-entry lookup table on the uint8 pixels (exact: the value depends only on the byte);
+- the result stays in numpy ``uint16`` (bfloat16 bit patterns), half the bytes of float32, and is
+  viewed as a bfloat16 tensor without a copy on the engine side.
+
+This module imports only numpy and PIL (no torch, no vLLM): it runs inside render workers.
+Equality with vLLM's processor is checked on the GPU machine (``tools/bench.py --check-preprocess``)
+and in ``tests/test_vllm_engine.py`` where vLLM imports.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+MIN_CROPS = 2
+MAX_CROPS = 6
+PATCH_SIZE = 16
+DOWNSAMPLE = 4
+PAD_COLOR = (127, 127, 127)  # tuple(int(0.5 * 255) for _ in range(3)), as upstream
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """Resolution parameters: global view size, tile size, tiling on/off, token strategy."""
+
+    base_size: int
+    image_size: int
+    crop_mode: bool
+    strategy: str  # "v1" (DeepSeek-OCR: newline tokens) | "v2" (DeepSeek-OCR-2)
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return {
+            "base_size": self.base_size,
+            "image_size": self.image_size,
+            "crop_mode": self.crop_mode,
+            "strategy": self.strategy,
+        }
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """Model inputs for one page image, as bfloat16 bit patterns (numpy uint16, CHW)."""
+
+    global_view: np.ndarray  # (3, base, base) uint16
+    crops: np.ndarray  # (k, 3, image_size, image_size) uint16; k = 0 when not tiled
+    tiles: tuple[int, int]  # (width tiles, height tiles); (1, 1) when not tiled
+    spec: ViewSpec
+    source_size: tuple[int, int]  # (width, height) of the page image
+
+    @property
+    def num_image_tokens(self) -> int:
+        return num_image_tokens(self.spec, self.tiles)
+
+
+def _bf16_lut() -> np.ndarray:
+    u = np.arange(256, dtype=np.float32)
+    f = ((u / np.float32(255.0)) - np.float32(0.5)) / np.float32(0.5)
+    bits = f.view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    return rounded.astype(np.uint16)
+
+
+BF16_LUT = _bf16_lut()
+
+
+def calculate_aspect_ratios(min_num: int = MIN_CROPS, max_num: int = MAX_CROPS) -> list[tuple[int, int]]:
+    ratios = {
+        (i, j)
+        for n in range(min_num, max_num + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if min_num <= i * j <= max_num
+    }
+    return sorted(ratios, key=lambda x: x[0] * x[1])
+
+
+def find_closest_aspect_ratio(
+    aspect_ratio: float, target_ratios: list[tuple[int, int]], width: int, height: int, image_size: int
+) -> tuple[int, int]:
+    best_diff = float("inf")
+    best = (1, 1)
+    area = width * height
+    for ratio in target_ratios:
+        diff = abs(aspect_ratio - ratio[0] / ratio[1])
+        if diff < best_diff:
+            best_diff = diff
+            best = ratio
+        elif diff == best_diff and area > 0.5 * image_size * image_size * ratio[0] * ratio[1]:
+            best = ratio
+    return best
+
+
+def tile_grid(width: int, height: int, spec: ViewSpec) -> tuple[int, int]:
+    """(width tiles, height tiles) upstream picks for an image of this size."""
+    if not spec.crop_mode or (width <= spec.image_size and height <= spec.image_size):
+        return (1, 1)
+    return find_closest_aspect_ratio(
+        width / height, calculate_aspect_ratios(), width, height, spec.image_size
+    )
+
+
+def num_image_tokens(spec: ViewSpec, tiles: tuple[int, int]) -> int:
+    """Image placeholder tokens for one image (upstream's ``tokenize_with_images`` count)."""
+    q = math.ceil((spec.image_size // PATCH_SIZE) / DOWNSAMPLE)
+    qb = math.ceil((spec.base_size // PATCH_SIZE) / DOWNSAMPLE)
+    n = qb * (qb + 1) if spec.strategy == "v1" else qb * qb
+    n += 1
+    wt, ht = tiles
+    if wt > 1 or ht > 1:
+        per_row = q * wt + 1 if spec.strategy == "v1" else q * wt
+        n += per_row * (q * ht)
+    return n
+
+
+def _to_bf16_chw(img: Any) -> np.ndarray:
+    arr = np.asarray(img, dtype=np.uint8)  # (H, W, 3)
+    return BF16_LUT[arr.transpose(2, 0, 1)]
+
+
+def prepare_image(image: Any, spec: ViewSpec) -> PreparedImage:
+    """Compute the model inputs for one RGB PIL image, exactly as vLLM's processor would."""
+    from PIL import ImageOps
+
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    width, height = image.size
+    tiles = tile_grid(width, height, spec)
+    crops: list[np.ndarray] = []
+    if spec.crop_mode and tiles != (1, 1):
+        tw, th = spec.image_size * tiles[0], spec.image_size * tiles[1]
+        resized = image.resize((tw, th))
+        for i in range(tiles[0] * tiles[1]):
+            x = (i % tiles[0]) * spec.image_size
+            y = (i // tiles[0]) * spec.image_size
+            crops.append(_to_bf16_chw(resized.crop((x, y, x + spec.image_size, y + spec.image_size))))
+    view_src = image if spec.crop_mode else image.resize((spec.image_size, spec.image_size))
+    global_view = ImageOps.pad(view_src, (spec.base_size, spec.base_size), color=PAD_COLOR)
+    g = _to_bf16_chw(global_view)
+    c = np.stack(crops) if crops else np.zeros((0, 3, spec.image_size, spec.image_size), dtype=np.uint16)
+    return PreparedImage(global_view=g, crops=c, tiles=tiles, spec=spec, source_size=(width, height))
+
+
+def worker_hook(image: Any, **spec: Any) -> PreparedImage:
+    """Render-worker hook (``VllmEngine.worker_hook``): ``spec`` is ``ViewSpec.as_kwargs()``."""
+    return prepare_image(image, ViewSpec(**spec))

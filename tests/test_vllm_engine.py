@@ -1,0 +1,303 @@
+"""Tests for runner/engines/vllm_engine.py and its plugin pieces (runner/vllm_plugin/).
+
+On a CPU box without vLLM: the engine refuses at once with an actionable message, the engine
+arguments map from ``EngineConfig``, and the worker-side preprocessing has the right shapes, token
+counts and bf16 values. Where vLLM imports (the GPU machine): the preprocessing equals vLLM's own
+``DeepseekOCRProcessor`` tensor for tensor, and the fast processor's prompt ids equal upstream's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runner.config import EngineConfig, RunConfig
+from runner.engines.base import EngineUnavailable
+from runner.vllm_plugin.preprocess import BF16_LUT, ViewSpec, num_image_tokens, prepare_image, tile_grid
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+ROOT = Path(__file__).resolve().parents[1]
+GUNDAM = ViewSpec(1024, 640, True, "v1")
+GUNDAM2 = ViewSpec(1024, 768, True, "v2")
+
+
+def _page(w: int, h: int, seed: int = 0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    arr[h // 4 : h // 2] = 255  # some flat area, like paper
+    return Image.fromarray(arr)
+
+
+@pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed here")
+def test_engine_unavailable_without_vllm_says_what_to_do(tmp_path: Path) -> None:
+    from runner.engines.vllm_engine import VllmEngine
+
+    cfg = RunConfig(inputs=(), input_root=str(tmp_path), output_dir=str(tmp_path), engine="vllm")
+    with pytest.raises(EngineUnavailable) as ei:
+        VllmEngine(cfg)
+    msg = str(ei.value)
+    assert "pip install '.[vllm]'" in msg and "--engine hf" in msg and "--engine text" in msg
+
+
+def test_create_engine_raises_engine_unavailable_not_import_error(tmp_path: Path) -> None:
+    if HAS_VLLM and Path("/dev/nvidiactl").exists():
+        pytest.skip("vLLM and a GPU are present")
+    from runner.engines import create_engine
+
+    cfg = RunConfig(inputs=(), input_root=str(tmp_path), output_dir=str(tmp_path), engine="vllm")
+    with pytest.raises(EngineUnavailable):
+        create_engine(cfg)
+
+
+def test_engine_kwargs_follow_engine_config() -> None:
+    from runner.engines.vllm_engine import GUARD_FQCN, engine_kwargs
+
+    ec = EngineConfig(
+        kv_cache_dtype="fp8",
+        enable_fp8_weights=True,
+        max_num_seqs=64,
+        max_model_len=4096,
+        load_format="dummy",
+        mm_encoder_tp_mode="data",
+        cpu_offload_gb=2.0,
+    )
+    kw = engine_kwargs(ec, "/m", guard=True)
+    assert kw["quantization"] == "fp8" and kw["kv_cache_dtype"] == "fp8"
+    assert kw["max_num_seqs"] == 64 and kw["max_model_len"] == 4096 and kw["load_format"] == "dummy"
+    assert kw["mm_encoder_tp_mode"] == "data" and kw["cpu_offload_gb"] == 2.0
+    assert kw["logits_processors"] == [GUARD_FQCN] and kw["enable_mm_embeds"] is True
+    kw2 = engine_kwargs(EngineConfig(quantization="awq", enable_fp8_weights=True), "/m", guard=False)
+    assert kw2["quantization"] == "awq" and "logits_processors" not in kw2
+    mod, _, cls = GUARD_FQCN.partition(":")
+    assert (ROOT / (mod.replace(".", "/") + ".py")).is_file() and cls
+
+
+def test_adapter_for_model_reads_local_config(tmp_path: Path) -> None:
+    from runner.engines.vllm_engine import adapter_for_model, view_spec
+
+    (tmp_path / "config.json").write_text('{"architectures": ["DeepseekOCR2ForCausalLM"]}')
+    a = adapter_for_model(str(tmp_path))
+    assert a.key == "deepseek-ocr-2"
+    assert view_spec(a, None) == GUNDAM2
+    assert adapter_for_model("deepseek-ai/DeepSeek-OCR").key == "deepseek-ocr"
+
+
+def test_bf16_lut_is_upstream_normalisation_then_bf16_cast() -> None:
+    import torch
+
+    u = torch.arange(256, dtype=torch.uint8)
+    want = u.float().div(255).sub_(torch.tensor(0.5)).div_(torch.tensor(0.5)).to(torch.bfloat16)
+    assert np.array_equal(want.view(torch.int16).numpy().view(np.uint16), BF16_LUT)
+
+
+@pytest.mark.parametrize(
+    "size,spec,tiles,tokens",
+    [
+        ((1191, 1684), GUNDAM, (2, 3), 273 + 30 * 21),  # A4 at 144 dpi: global 16x17+1, tiles 30 rows of 21
+        ((600, 500), GUNDAM, (1, 1), 273),
+        ((1684, 1191), GUNDAM, (3, 2), 273 + 20 * 31),
+        ((1191, 1684), ViewSpec(1280, 1280, False, "v1"), (1, 1), 20 * 21 + 1),
+        ((1191, 1684), GUNDAM2, (2, 3), 257 + 6 * 144),
+    ],
+)
+def test_tiles_and_token_counts(
+    size: tuple[int, int], spec: ViewSpec, tiles: tuple[int, int], tokens: int
+) -> None:
+    assert tile_grid(*size, spec) == tiles
+    assert num_image_tokens(spec, tiles) == tokens
+
+
+def test_prepare_image_shapes_and_values() -> None:
+    img = _page(1191, 1684)
+    p = prepare_image(img, GUNDAM)
+    assert p.global_view.shape == (3, 1024, 1024) and p.global_view.dtype == np.uint16
+    assert p.crops.shape == (6, 3, 640, 640)
+    assert p.tiles == (2, 3) and p.num_image_tokens == 903
+    # the padding of the global view is colour 127 -> bf16 of (127/255 - .5)/.5
+    assert p.global_view[0, 0, 0] == BF16_LUT[127]
+    # first tile = top-left of the image resized to the 2x3 grid
+    resized = np.asarray(img.resize((1280, 1920)))[:640, :640]
+    assert np.array_equal(p.crops[0], BF16_LUT[resized.transpose(2, 0, 1)])
+    small = prepare_image(_page(500, 400), GUNDAM)
+    assert small.crops.shape == (0, 3, 640, 640) and small.tiles == (1, 1)
+
+
+def _dummy_model_dir(name: str) -> Path | None:
+    for base in (os.environ.get("OCR_DUMMY_MODELS"), str(ROOT / ".gpu_carry" / "models")):
+        if base and (Path(base) / name / "tokenizer.json").is_file():
+            return Path(base) / name
+    return None
+
+
+@pytest.mark.skipif(not HAS_VLLM, reason="vLLM's processor needs vLLM (and torchvision): GPU machine")
+@pytest.mark.parametrize(
+    "model,spec",
+    [
+        ("deepseek-ocr", GUNDAM),
+        ("deepseek-ocr", ViewSpec(1280, 1280, False, "v1")),
+        ("deepseek-ocr", ViewSpec(1024, 1024, False, "v1")),
+        ("deepseek-ocr-2", GUNDAM2),
+    ],
+)
+def test_prepared_tensors_equal_vllm_processor(model: str, spec: ViewSpec) -> None:
+    import torch
+    from transformers import AutoTokenizer
+    from vllm.transformers_utils.processors.deepseek_ocr import DeepseekOCRProcessor
+
+    from runner.vllm_plugin.fast_processor import _prepared_token_count, prepared_to_mm_data
+
+    mdir = _dummy_model_dir(model)
+    if mdir is None:
+        pytest.skip("no dummy model folder (tools/make_dummy_model.py) for the tokenizer")
+    tok = AutoTokenizer.from_pretrained(str(mdir))
+    proc = DeepseekOCRProcessor(
+        tok, image_size=spec.image_size, base_size=spec.base_size, strategy=spec.strategy
+    )
+    prompt = "<image>\n<|grounding|>Convert the document to markdown."
+    for k, (w, h) in enumerate([(1191, 1684), (1684, 1191), (700, 600), (2000, 900)]):
+        img = _page(w, h, seed=k)
+        ref = proc(prompt=prompt, images=[img], crop_mode=spec.crop_mode)
+        mine = prepared_to_mm_data(prepare_image(img, spec))
+        assert torch.equal(mine["pixel_values"], ref["pixel_values"].to(torch.bfloat16))
+        assert torch.equal(mine["images_crop"], ref["images_crop"].to(torch.bfloat16))
+        assert torch.equal(mine["images_spatial_crop"], ref["images_spatial_crop"])
+        n_ref = int(ref["num_image_tokens"][0])
+        item = {k2: v[0] if k2 != "images_crop" else v for k2, v in mine.items()}
+        assert _prepared_token_count(item, spec.strategy) == n_ref
+        # prompt ids: BOS + text + one <image> expanded to n_ref ids, as upstream
+        ids = ref["input_ids"][0].tolist()
+        image_id = tok.convert_tokens_to_ids("<image>")
+        assert ids.count(image_id) == n_ref
+        mine_ids = [tok.bos_token_id]
+        for j, piece in enumerate(prompt.split("<image>")):
+            if j:
+                mine_ids += [image_id] * n_ref
+            mine_ids += tok.encode(piece, add_special_tokens=False)
+        assert mine_ids == ids
+
+
+# -- the feeding thread, against a fake vLLM (CPU) ------------------------------------------------
+class _FakeTokenizer:
+    eos_token_id = 1
+    unk_token_id = None
+
+    def convert_tokens_to_ids(self, tok: str) -> int:
+        from runner.adapters import EOS_TOKEN
+
+        return 1 if tok == EOS_TOKEN else 128815 + abs(hash(tok)) % 11
+
+
+class _FakeLLMEngine:
+    """Finishes each request after a few steps; can be told to die."""
+
+    def __init__(self) -> None:
+        self.running: dict[str, int] = {}
+        self.die_after: int | None = None
+        self.steps = 0
+
+    def add_request(self, rid: str, prompt: dict, params: object) -> None:
+        assert "multi_modal_data" in prompt and "multi_modal_uuids" in prompt
+        self.running[rid] = 3
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.running)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.running)
+
+    def step(self) -> list:
+        from types import SimpleNamespace
+
+        self.steps += 1
+        if self.die_after is not None and self.steps > self.die_after:
+            raise RuntimeError("EngineDeadError (fake)")
+        done = []
+        for rid in list(self.running):
+            self.running[rid] -= 1
+            if self.running[rid] == 0:
+                del self.running[rid]
+                comp = SimpleNamespace(
+                    text="# page", finish_reason="length", stop_reason=None, token_ids=[5] * 7
+                )
+                done.append(
+                    SimpleNamespace(request_id=rid, finished=True, outputs=[comp], prompt_token_ids=[0] * 9)
+                )
+        return done
+
+
+def _fake_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from runner.engines import vllm_engine as ve
+
+    monkeypatch.setenv("RUNNER_ASSUME_GPU", "1")
+    monkeypatch.setattr(ve, "vllm_unavailable_reason", lambda: None)
+    cfg = RunConfig(inputs=(), input_root=str(tmp_path), output_dir=str(tmp_path), engine="vllm")
+    eng = ve.VllmEngine(cfg)
+    fake = _FakeLLMEngine()
+
+    def make_request(req):
+        return {"prompt": "p", "multi_modal_data": {"image": {}}, "multi_modal_uuids": {"image": ["k"]}}, None
+
+    monkeypatch.setattr(eng, "_make_request", make_request)
+    eng._llm = type("L", (), {"llm_engine": fake})()
+    eng._start_thread()
+    return eng, fake
+
+
+def _req(i: int):
+    from runner.records import PageImage, PageRequest
+
+    img = PageImage("d", i, 4, 4, "RGB", b"\0" * 48, 144.0, 1, 1, 0.0, False, "", "")
+    return PageRequest(f"r{i}", img, "clean")
+
+
+def test_feeding_thread_streams_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    eng, _ = _fake_engine(tmp_path, monkeypatch)
+    eng.submit([_req(i) for i in range(5)])
+    got = []
+    t0 = time.time()
+    while len(got) < 5 and time.time() - t0 < 10:
+        got += eng.poll(0.1)
+    assert sorted(o.request_id for o in got) == [f"r{i}" for i in range(5)]
+    assert all(o.output_tokens == 7 and o.prompt_tokens == 9 and o.stopped_by_eos is False for o in got)
+    assert eng.pending() == 0
+    eng._stop.set()
+
+
+def test_dead_engine_raises_engine_died(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from runner.engines.base import EngineDied
+
+    eng, fake = _fake_engine(tmp_path, monkeypatch)
+    fake.die_after = 1
+    eng.submit([_req(i) for i in range(3)])
+    with pytest.raises(EngineDied):
+        t0 = time.time()
+        while time.time() - t0 < 10:
+            eng.poll(0.1)
+    assert eng.pending() == 3  # the scheduler resubmits these after restart()
+
+
+def test_finished_but_unpolled_outputs_stay_pending(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scheduler polls only while pending() > 0: an output vLLM finished but poll has not
+    returned yet must still count, or it is stranded (the GPU-machine CLI stall)."""
+    import time
+
+    eng, fake = _fake_engine(tmp_path, monkeypatch)
+    eng.submit([_req(i) for i in range(3)])
+    t0 = time.time()
+    while eng._outbox.qsize() < 3 and time.time() - t0 < 10:
+        time.sleep(0.01)
+    assert not fake.running and eng._outbox.qsize() == 3
+    assert eng.pending() == 3
+    got = eng.poll(0.1)
+    assert len(got) == 3 and eng.pending() == 0
+    eng._stop.set()

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# GPU-machine steps (see tmp_pdf_runs/GPU_NOTES.md). Run from the repo root on the GPU machine after
+# ../shared/gpu/gpu_setup.sh; writes logs under $OUT. Usage: bash tmp_pdf_runs/gpu_session.sh STEP...
+set -uo pipefail
+export PYTHONPATH=/tmp/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+M=.gpu_carry/models
+log() { echo "=== $(date -u +%T) $*"; }
+smoke() {  # model mode [extra CLI flags]
+  local m=$1 mode=$2; shift 2; local o=/tmp/smoke_${m}_${mode}
+  log "smoke $m $mode $*"
+  timeout -k 10 ${SMOKE_TO:-230} python3 run_pdf_ocr_vllm.py --input-dir .gpu_carry/smoke_in --output-dir $o --engine vllm --model $M/$m \
+    --load-format dummy --mode $mode --max-tokens ${SMOKE_TOKENS:-200} --max-num-seqs 64 --progress log \
+    --log-file $o.log "$@" > $o.out 2>&1; echo "rc=$?"; tail -12 $o.out
+  python3 tmp_pdf_runs/smoke_check.py .gpu_carry/smoke_in $o | tee -a "$OUT/smoke.jsonl"
+}
+restart_test() {
+  log restart_test
+  python3 -c "import sys; sys.path.insert(0,'.'); from tools.bench import make_pdfs; from pathlib import Path; make_pdfs(Path('/tmp/rt_in'), 96, 24)"
+  python3 run_pdf_ocr_vllm.py --input-dir /tmp/rt_in --output-dir /tmp/rt_out --engine vllm --model $M/deepseek-ocr \
+    --load-format dummy --ignore-eos --max-tokens 400 --max-num-seqs 64 --retries 0 --no-large-pass --progress log \
+    --log-file /tmp/rt.log > /tmp/rt.out 2>&1 &
+  local cli=$!
+  for i in $(seq 1 240); do grep -q "engine ready" /tmp/rt.log 2>/dev/null && break; sleep 1; done
+  sleep 6
+  local ec=$(ps -o pid=,args= --ppid $cli | awk '/EngineCore/{print $1}' | head -1)
+  echo "CLI pid $cli, killing engine core pid $ec at $(date -u +%T)"; ps -o pid,args --ppid $cli | cut -c1-80
+  [ -n "$ec" ] && kill -9 $ec
+  wait $cli; echo "cli rc=$?"; grep -i "restart\|died\|resubmit" /tmp/rt.log | cut -c1-200 | head
+  python3 tmp_pdf_runs/smoke_check.py /tmp/rt_in /tmp/rt_out | tee "$OUT/restart.json"
+}
+for step in "$@"; do
+  case "$step" in
+    info) log info; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; free -g | head -2
+          python3 -c "import vllm, torch, transformers, PIL, pymupdf; print('vllm', vllm.__version__, 'torch', torch.__version__, 'tf', transformers.__version__, 'PIL', PIL.__version__, 'pymupdf', pymupdf.__version__)" ;;
+    tests) log tests; PYTHONPATH=/tmp/site:$PWD python3 -m pytest -q -p no:cacheprovider tests/test_guard.py tests/test_vllm_engine.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -30 ;;
+    bench1e) log bench1e; python3 tools/bench.py --model-dir $M/deepseek-ocr --pages ${PAGES:-512} --max-num-seqs ${SEQS:-512} --baseline-timeout ${BTO:-240} --product engine ${AB:---guard-ab} --work-dir /tmp/b1e --jsonl "$OUT/benchmarks.jsonl" --tag engine-ocr1 2>&1 | tail -3; tail -25 /tmp/b1e/engine.log; tail -5 /tmp/b1e/baseline.log ;;
+    bench2e) log bench2e; python3 tools/bench.py --model-dir $M/deepseek-ocr-2 --pages ${PAGES:-512} --max-num-seqs ${SEQS:-512} --baseline-timeout ${BTO:-240} --product engine --guard-ab --work-dir /tmp/b2e --jsonl "$OUT/benchmarks.jsonl" --tag engine-ocr2 2>&1 | tail -3; tail -25 /tmp/b2e/engine.log; tail -5 /tmp/b2e/baseline.log ;;
+    bench1c) log bench1c; python3 tools/bench.py --model-dir $M/deepseek-ocr --pages ${PAGES:-512} --max-num-seqs ${SEQS:-512} --baseline-timeout ${BTO:-240} --product cli --work-dir /tmp/b1c --jsonl "$OUT/benchmarks.jsonl" --tag cli-ocr1 2>&1 | tail -3; tail -25 /tmp/b1c/product.log ;;
+    bench2c) log bench2c; python3 tools/bench.py --model-dir $M/deepseek-ocr-2 --pages ${PAGES:-512} --max-num-seqs ${SEQS:-512} --baseline-timeout ${BTO:-240} --product cli --work-dir /tmp/b2c --jsonl "$OUT/benchmarks.jsonl" --tag cli-ocr2 2>&1 | tail -3; tail -25 /tmp/b2c/product.log ;;
+    smoke1) smoke deepseek-ocr clean; smoke deepseek-ocr grounded --no-large-pass ;;
+    smoke2) smoke deepseek-ocr-2 clean --no-large-pass; smoke deepseek-ocr-2 grounded --no-large-pass ;;
+    smoke2g) smoke deepseek-ocr-2 grounded --no-large-pass; tail -30 /tmp/smoke_deepseek-ocr-2_grounded.log | cut -c1-250 ;;
+    restart) restart_test ;;
+    ab1) log ab1; python3 tools/bench.py --model-dir $M/deepseek-ocr --pages ${PAGES:-512} --max-num-seqs ${SEQS:-512} --baseline off --product engine --guard-ab --work-dir /tmp/bab --jsonl "$OUT/benchmarks.jsonl" --tag guard-ab-ocr1 2>&1 | tail -2; grep ROUND /tmp/bab/engine.log ;;
+    diag) log diag; python3 -c "import sys; sys.path.insert(0,'.'); from tools.bench import make_pdfs; from pathlib import Path; make_pdfs(Path('/tmp/dg_in'), ${DPAGES:-64}, 16)"
+          PYTHONFAULTHANDLER=1 timeout -s ABRT -k 15 ${DTO:-200} python3 run_pdf_ocr_vllm.py --input-dir /tmp/dg_in --output-dir /tmp/dg_out \
+            --engine vllm --model $M/${DMODEL:-deepseek-ocr} --load-format dummy --ignore-eos --max-tokens ${DTOK:-400} \
+            --max-num-seqs ${SEQS:-64} --retries 0 --no-large-pass --progress log --render-workers 12 --force \
+            --log-file "$OUT/diag_run.log" > "$OUT/diag.out" 2>&1; echo "diag rc=$?"; tail -40 "$OUT/diag.out" | cut -c1-300
+          python3 tmp_pdf_runs/smoke_check.py /tmp/dg_in /tmp/dg_out ;;
+    pack) log pack; tar czf "$OUT/logs.tgz" /tmp/b*/*.log /tmp/smoke_*.log /tmp/smoke_*.out /tmp/rt.log /tmp/rt.out /tmp/smoke_*/_run_summary.json /tmp/smoke_deepseek-ocr_clean/*.md 2>/dev/null; ls -la "$OUT" ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
