@@ -81,7 +81,7 @@ class RunConfig:
     open_timeout_s: float = 60.0
     render_memory_mb: int = 4096
     max_page_pixels: int = 40_000_000
-    blank_ink_threshold: float = 0.0005
+    blank_ink_threshold: float = 2e-5  # runner.blank.DEFAULT_THRESHOLD (kept import-free here)
     table_format: str = "html"
     assets: str = "none"  # "none" | "figures" | "pages"
     # retries (see runner/schedule.py)
