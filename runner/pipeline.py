@@ -166,6 +166,7 @@ class Pipeline:
             log.info("engine %s started in %.1f s", engine.name, self.stats.engine_startup_s)
         pool.wait_ready()
         self.stats.t0 = time.perf_counter()
+        self.progress.t0 = self.stats.t0  # pages/s on the bar excludes start-up, like the summary
         self._states: dict[str, _DocState] = {}
         try:
             self._pending_docs: deque[InputDoc] = deque(todo)
