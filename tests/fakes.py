@@ -48,6 +48,7 @@ class FakeEngine:
     )  # (doc_key suffix, page_index) -> attempts that loop
     loop_all_attempts_in_base: set[tuple[str, int]] = field(default_factory=set)  # loop unless Large mode
     hostile: bool = False
+    figure: bool = False  # add an ``image`` region (a figure box) to every page
     delay_s: float = 0.0
     die_after_outputs: int | None = None  # raise EngineDied once after this many outputs
     lose_once: int | None = None  # silently drop the Nth request (a stalled engine), once
@@ -99,6 +100,8 @@ class FakeEngine:
         text = req.image.text_layer.strip() or f"page {req.image.page_index + 1} image text"
         body = "\n".join(line for line in text.splitlines() if line.strip())
         out = f"<|ref|>text<|/ref|><|det|>[[50, 50, 950, 950]]<|/det|>\n{body}\n\n"
+        if self.figure:
+            out += "<|ref|>image<|/ref|><|det|>[[100, 500, 600, 800]]<|/det|>\n\n"
         if self.hostile:
             out += (
                 "<|ref|>text<|/ref|><|det|>[[50, 960, 950, 990]]<|/det|>\n"

@@ -325,3 +325,22 @@ def test_malformed_corpus_gives_clear_errors_or_recovers(tmp_path, run_fake):
         for x in (out2 / "pypdf-sample-005-libreoffice-writer-password.pages.jsonl").read_text().splitlines()
     ]
     assert recs and all(r["status"] for r in recs)
+
+
+@pytest.mark.parametrize("assets", ["none", "figures", "pages"])
+def test_figure_assets(tmp_path, run_fake, assets):
+    src = tmp_path / "in"
+    pdfgen.text_pdf(src / "sub" / "a.pdf", pages=1)
+    code, out, _ = run_fake(src, "--assets", assets, figure=True)
+    assert code == 0
+    md = (out / "sub" / "a.md").read_text()
+    crop = out / "sub" / "a_assets" / "p0001_fig01.png"
+    if assets == "none":
+        assert "<!-- figure -->" in md and not (out / "sub" / "a_assets").exists()
+    else:
+        from PIL import Image
+
+        assert "](a_assets/p0001_fig01.png)" in md  # relative to the Markdown file
+        w, h = Image.open(crop).size
+        assert abs(w - 0.5 * 1190) < 4 and abs(h - 0.3 * 1684) < 4
+    assert (out / "sub" / "a_assets" / "p0001.png").exists() is (assets == "pages")
