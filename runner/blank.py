@@ -6,7 +6,8 @@ whose ink is negligible. The model hallucinates on blank pages, so they never re
 Rules, in order (conservative: real content is never skipped):
 1. Any non-whitespace character in the text layer → not blank. A page number or a faint vector
    watermark is content; the engine reads it.
-2. No text, no images, no drawings → blank ("no content": e.g. a content stream of only ``q Q``).
+2. Nothing painted at all (MuPDF's bbox log is empty: no text, images — inline ones included —,
+   paths or shadings) → blank ("no content": e.g. a content stream of only ``q Q``).
 3. Otherwise ink coverage on a 2×2-averaged grayscale render: a pixel is ink when the average is
    darker than ``INK_LEVEL`` (160/255) *and* at least one 4-neighbour is ink too. Averaging and
    the neighbour rule remove isolated scanner specks; light watermarks (> 160) never count. The
@@ -56,9 +57,9 @@ def detect_blank(
     """(is_blank, reason) for a PyMuPDF page; ``pix`` is its render if one was made."""
     if text.strip():
         return False, "text"
-    has_images = bool(page.get_images(full=False))
-    has_drawings = bool(page.get_cdrawings()) if not has_images else True
-    if not has_images and not has_drawings:
+    # MuPDF's bbox log lists everything the page paints: text, paths, shadings, images —
+    # inline images (BI … ID … EI) too, which get_images() and get_cdrawings() do not see.
+    if not page.get_bboxlog():
         # Annotations/forms can still draw; fall through to ink when there are any.
         if not any(True for _ in page.annots()) and not any(True for _ in page.widgets()):
             return True, "no content"

@@ -1,7 +1,8 @@
 """Command line: parse arguments into one ``RunConfig``, run the pipeline, report, exit code.
 
 Exit codes: 0 every file succeeded (or was already done); 1 some files failed; 2 usage error;
-3 the engine cannot run here (missing vLLM/GPU/model) or died beyond its restart budget.
+3 the engine cannot run here (missing vLLM/GPU/model) or died beyond its restart budget
+(documents it could not finish are recorded as failed).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def build_parser(default_engine: str = "vllm") -> argparse.ArgumentParser:
         description="Convert PDFs to Markdown with DeepSeek-OCR / DeepSeek-OCR-2 (vLLM), Transformers, "
         "or the PDF's own text layer.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # '--pass SECRET' must not slip past the password redaction
     )
     io = p.add_argument_group("input and output")
     io.add_argument("--input-dir", help="folder (searched recursively) or s3://bucket/prefix with PDFs")
@@ -452,6 +454,8 @@ def run(cfg: RunConfig, log_file: str, ray_options: RayOptions | None = None) ->
     if cfg.progress != "none":
         print_summary(summary, outputs.uri(name))
     failed = summary["files"].get("failed", 0)
+    if ray_options is None and pipe.fatal_engine_error:
+        return EXIT_ENGINE  # the engine died more often than --engine-restarts allows
     return EXIT_FAILED if failed else EXIT_OK
 
 

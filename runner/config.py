@@ -113,6 +113,8 @@ class RunConfig:
             raise ConfigError("--batch-pages must be >= 1")
         if self.render_workers < 1:
             raise ConfigError("--render-workers must be >= 1")
+        if self.render_memory_mb != 0 and self.render_memory_mb < 256:
+            raise ConfigError("--render-memory-mb must be 0 (no limit) or >= 256: workers need that to start")
         if self.render_timeout_s <= 0:
             raise ConfigError("--render-timeout must be > 0")
         if self.table_format not in ("html", "markdown"):

@@ -55,7 +55,9 @@ def output_stem_for(rel: str) -> str:
         stem_last = stem_last[: -len(".pdf")]
     raw_parts = [*parts[:-1], stem_last]
     safe_parts = [_safe_component(p) for p in raw_parts]
-    changed = safe_parts != raw_parts or parts != rel_norm.split("/")
+    # Compare with the name as given: a backslash turned into a folder separator is a change too,
+    # so "a\\b.pdf" and "a/b.pdf" can never share an output.
+    changed = safe_parts != raw_parts or parts != rel.split("/")
     if changed:
         digest = hashlib.sha1(rel.encode("utf-8", "surrogatepass")).hexdigest()[:8]
         safe_parts[-1] = f"{_clip_utf8(safe_parts[-1], MAX_COMPONENT - 9)}-{digest}"

@@ -136,6 +136,7 @@ class Pipeline:
         self._task_ids = 0
         self._req_ids = 0
         self._request_resolution: str | None = None
+        self.fatal_engine_error: str | None = None
 
     # ---------------------------------------------------------------- public
     def run(self, docs: list[InputDoc], engine: Engine | None = None) -> list[DocResult]:
@@ -180,10 +181,11 @@ class Pipeline:
             self._account_for_everything()
         except FatalEngineError as e:
             log.error("%s", e)
-            for st in list(self._states.values()):
-                self._fail_doc(st, f"engine failed: {e}")
-            for d in self._pending_docs:
-                self._record_failed(d, f"not processed: engine failed: {e}")
+            self.fatal_engine_error = str(e)
+            self._fail_open(f"engine failed: {e}")
+        except Exception as e:  # a bug must cost the open documents, not the run's records
+            log.exception("internal error; open documents are recorded as failed")
+            self._fail_open(f"internal error: {type(e).__name__}: {e}")
         finally:
             self.stats.render_worker_restarts = pool.restarts
             pool.close()
@@ -263,13 +265,17 @@ class Pipeline:
                 w = rendering.pop(res.task.task_id)
                 req = self._on_rendered(w, res)
                 if req is not None:
+                    if not in_engine:  # the stall clock starts when the engine has work
+                        last_output = time.monotonic()
                     in_engine[req.request_id] = (w, req)
-                    engine.submit([req])
+                    engine = self._submit(engine, req, in_engine)
             # 4. poll the engine whenever we wait for an answer: an engine's own ``pending()``
             #    count is never trusted to decide whether a page can still come back.
             if in_engine or engine.pending() > 0:
                 try:
-                    outputs = engine.poll(timeout=0.0 if rendering or render_jobs else 0.02)
+                    # a short wait, not 0: with both stages busy a zero timeout spins a core
+                    # that the render workers need
+                    outputs = engine.poll(timeout=0.002 if rendering or render_jobs else 0.02)
                     if outputs or not in_engine:
                         last_output = time.monotonic()
                     elif time.monotonic() - last_output > cfg.engine_stall_timeout_s:
@@ -289,7 +295,7 @@ class Pipeline:
                     retry = self._on_output(w, req, out, engine)
                     if retry is not None:
                         in_engine[retry.request_id] = (w, retry)
-                        engine.submit([retry])
+                        engine = self._submit(engine, retry, in_engine)
             # 5. write finished documents
             for st in [
                 s for s in self._states.values() if s.complete and not s.waiting_large and not s.waiting_roi
@@ -308,6 +314,13 @@ class Pipeline:
                 break
         self.stats.timeline.append((round(time.perf_counter() - self.stats.t0, 2), self.stats.pages_done))
         return engine
+
+    def _fail_open(self, why: str) -> None:
+        for st in list(self._states.values()):
+            self._fail_doc(st, why)
+        for d in self._pending_docs:
+            self._record_failed(d, f"not processed: {why}")
+        self._pending_docs.clear()
 
     def _account_for_everything(self) -> None:
         """Safety net: a document still open after the last phase gets a record for every page
@@ -573,10 +586,14 @@ class Pipeline:
             x2, y2 = min(x2, img.width), min(y2, img.height)
             if x2 - x1 < 4 or y2 - y1 < 4:
                 return None
-            buf = io.BytesIO()
-            img.to_pil().crop((x1, y1, x2, y2)).save(buf, format="PNG")
             name = f"p{w.index + 1:04d}_fig{i + 1:02d}.png"
-            self.outputs.write_bytes(f"{stem}_assets/{name}", buf.getvalue())
+            try:
+                buf = io.BytesIO()
+                img.to_pil().crop((x1, y1, x2, y2)).save(buf, format="PNG")
+                self.outputs.write_bytes(f"{stem}_assets/{name}", buf.getvalue())
+            except Exception as e:  # no crop: the Markdown gets the figure marker instead
+                log.warning("%s_assets/%s: figure not saved: %s", stem, name, e)
+                return None
             return f"{stem.rsplit('/', 1)[-1]}_assets/{name}"
 
         return link
@@ -595,11 +612,13 @@ class Pipeline:
         if self.cfg.assets == "pages" and w.image is not None and w.image.pixels:
             import io
 
-            buf = io.BytesIO()
-            w.image.to_pil().save(buf, format="PNG")
-            self.outputs.write_bytes(
-                f"{self._states[w.doc_key].doc.output_stem}_assets/p{w.index + 1:04d}.png", buf.getvalue()
-            )
+            rel = f"{self._states[w.doc_key].doc.output_stem}_assets/p{w.index + 1:04d}.png"
+            try:
+                buf = io.BytesIO()
+                w.image.to_pil().save(buf, format="PNG")
+                self.outputs.write_bytes(rel, buf.getvalue())
+            except Exception as e:  # an asset is a by-product: the page text still counts
+                log.warning("%s: page image not saved: %s", rel, e)
         return PageResult(
             page=w.index + 1,
             status=status,
@@ -832,6 +851,16 @@ class Pipeline:
         self.stats.engine_startup_s += time.perf_counter() - t
         return self._drive(large, pool, phase="large", jobs=jobs)
 
+    def _submit(
+        self, engine: Engine, req: PageRequest, in_engine: dict[str, tuple[_PageWork, PageRequest]]
+    ) -> Engine:
+        """Submit one request; an engine that turns out dead is restarted (and gets it resent)."""
+        try:
+            engine.submit([req])
+        except EngineDied as e:  # the protocol says only poll raises; be safe with any engine
+            engine = self._restart_engine(engine, e, in_engine)
+        return engine
+
     def _restart_engine(
         self, engine: Engine, err: Exception, in_engine: dict[str, tuple[_PageWork, PageRequest]]
     ) -> Engine:
@@ -845,7 +874,10 @@ class Pipeline:
             self.cfg.engine_restarts,
             len(in_engine),
         )
-        engine.restart()
+        try:
+            engine.restart()
+        except Exception as e2:
+            raise FatalEngineError(f"engine restart failed: {type(e2).__name__}: {e2}") from e2
         reqs = [req for _, req in in_engine.values()]
         self.stats.resubmitted += len(reqs)
         engine.submit(reqs)
@@ -867,6 +899,8 @@ class Pipeline:
             error = f"{failed}/{len(pages)} page(s) failed (> --max-page-error-rate {limit:g})"
         stem = d.output_stem
         try:
+            # A done marker from an earlier run must not outlive a rewrite that fails half-way.
+            self.outputs.delete(stem + ".done")
             self.outputs.write_bytes(stem + ".md", join_pages([p.markdown for p in pages]).encode("utf-8"))
             lines = []
             for p in pages:

@@ -305,6 +305,8 @@ class RenderPool:
     _queue: deque[OpenTask | RenderTask] = field(default_factory=deque)
     _done: list[TaskResult] = field(default_factory=list)
     restarts: int = 0
+    broken: str = ""  # set when workers cannot start at all: every task then fails as "crash"
+    _start_failures: int = 0
 
     def __post_init__(self) -> None:
         self._ctx = mp.get_context("spawn")
@@ -336,7 +338,7 @@ class RenderPool:
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Block until every worker finished starting (so start-up is not billed to a page)."""
         end = time.monotonic() + timeout
-        while not all(w.ready for w in self._pool) and time.monotonic() < end:
+        while not all(w.ready for w in self._pool) and time.monotonic() < end and not self.broken:
             wait([w.conn for w in self._pool if not w.ready], timeout=0.1)
             self._check_ready()
 
@@ -349,11 +351,25 @@ class RenderPool:
                 try:
                     if w.conn.poll():
                         w.ready = w.conn.recv() == "ready"
+                        if w.ready:
+                            self._start_failures = 0
                 except (EOFError, OSError):
-                    self._replace(w)  # died while starting (e.g. broken environment): try again
+                    # Died while starting (broken environment, memory limit below what the imports
+                    # need). Retry a few times, then give up loudly instead of looping forever.
+                    self._start_failures += 1
+                    if self._start_failures >= MAX_START_FAILURES:
+                        self.broken = (
+                            f"render workers die while starting ({self._start_failures} times in a row; "
+                            f"memory limit {self.mem_limit_mb} MB too low?)"
+                        )
+                    self._replace(w)
 
     def _dispatch(self) -> None:
         self._check_ready()
+        if self.broken:
+            while self._queue:
+                self._done.append(TaskResult(self._queue.popleft(), "crash", None, self.broken))
+            return
         for w in self._pool:
             if w.ready and w.task is None and self._queue:
                 task = self._queue.popleft()
@@ -361,8 +377,10 @@ class RenderPool:
                 try:
                     w.conn.send(task)
                 except (BrokenPipeError, OSError):
+                    # The idle worker died; its replacement is not ready yet: the task waits.
+                    self._queue.appendleft(task)
                     self._replace(w)
-                    w.conn.send(task)
+                    continue
                 w.task, w.started, w.deadline = task, time.monotonic(), time.monotonic() + limit
 
     def collect(self, timeout: float = 0.0) -> list[TaskResult]:
@@ -395,6 +413,8 @@ class RenderPool:
                     self._replace(w)
                     continue
                 w.task = None
+                if not isinstance(res, TaskResult):  # never expected: keep the pipe protocol honest
+                    res = TaskResult(task, "crash", None, f"render worker sent {type(res).__name__}")
                 self._done.append(res)
             elif not w.proc.is_alive():
                 self._done.append(
@@ -437,6 +457,9 @@ class RenderPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+MAX_START_FAILURES = 5
 
 
 def _crash_message(code: int | None, mem_limit_mb: int) -> str:

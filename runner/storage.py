@@ -118,10 +118,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# Read once at import: setting the umask to read it is process-wide and not thread-safe.
+_UMASK = _read_umask()
+
+
+def _umask() -> int:
+    return _UMASK
 
 
 def open_storage(root: str) -> Storage:

@@ -52,6 +52,8 @@ class FakeEngine:
     delay_s: float = 0.0
     die_after_outputs: int | None = None  # raise EngineDied once after this many outputs
     lose_once: int | None = None  # silently drop the Nth request (a stalled engine), once
+    submit_dies_once: int | None = None  # submit() raises EngineDied at the Nth submitted request
+    restart_fails: bool = False  # restart() itself raises (e.g. CUDA OOM while reloading)
     max_batch: int = 8
     # bookkeeping for assertions
     seen: list[Seen] = field(default_factory=list)  # light records: holding requests would hold pixels
@@ -64,6 +66,9 @@ class FakeEngine:
         self.started += 1
 
     def submit(self, requests: Sequence[PageRequest]) -> None:
+        if self.submit_dies_once is not None and len(self.seen) >= self.submit_dies_once:
+            self.submit_dies_once = None
+            raise EngineDied("injected: engine found dead on submit")
         self._queue.extend(requests)
         self.seen.extend(
             Seen(
@@ -78,6 +83,8 @@ class FakeEngine:
     def restart(self) -> None:
         self.restarts += 1
         self._queue.clear()
+        if self.restart_fails:
+            raise RuntimeError("injected: CUDA out of memory while reloading")
 
     def close(self) -> None:
         self._queue.clear()

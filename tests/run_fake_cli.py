@@ -1,6 +1,6 @@
 """Run the real CLI in a subprocess with the deterministic FakeEngine (for kill/resume tests).
 
-    python tests/run_fake_cli.py DELAY_S CLI-ARGS...
+python tests/run_fake_cli.py DELAY_S CLI-ARGS...
 """
 
 from __future__ import annotations

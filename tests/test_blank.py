@@ -61,3 +61,18 @@ def test_ink_fraction_ignores_isolated_specks():
     assert ink_fraction(img) == 0.0
     img[50:60, 50:80] = 0  # a solid stroke
     assert ink_fraction(img) > 0.0
+
+
+def test_inline_image_scan_is_not_blank(tmp_path):
+    """An inline image (BI … ID … EI) is content even though get_images() does not list it."""
+    doc = pymupdf.open()
+    page = doc.new_page()
+    stream = b"q 300 0 0 300 100 100 cm BI /W 40 /H 40 /CS /G /BPC 8 ID " + bytes(1600) + b" EI Q"
+    xref = doc.get_new_xref()
+    doc.update_object(xref, "<< >>")
+    doc.update_stream(xref, stream)
+    doc.xref_set_key(page.xref, "Contents", f"{xref} 0 R")
+    path = tmp_path / "inline.pdf"
+    doc.save(path)
+    is_blank, reason = _blank(path)
+    assert not is_blank, reason

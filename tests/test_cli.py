@@ -113,3 +113,20 @@ def test_text_engine_end_to_end_and_module_entry_point(tmp_path):
         text=True,
     )
     assert r2.returncode == 0 and "skip (done marker exists)" in (tmp_path / "l2.log").read_text()
+
+
+def test_abbreviated_password_option_is_refused(tmp_path):
+    # '--pass SECRET' would otherwise be accepted by argparse and slip past the log redaction
+    code = main(
+        [
+            "--input-dir",
+            str(tmp_path),
+            "--output-dir",
+            str(tmp_path / "o"),
+            "--pass",
+            "hunter2",
+            "--log-file",
+            str(tmp_path / "l.log"),
+        ]
+    )
+    assert code == EXIT_USAGE

@@ -96,3 +96,26 @@ def test_thousands_of_tiny_pages(tmp_path, run_fake):
     assert code == 0
     done = json.loads((out / "many.done").read_text())
     assert done["page_count"] == 3000 and done["pages"] == 20
+
+
+def test_idle_worker_killed_then_task_still_gets_its_own_result(tmp_path):
+    import os
+    import signal
+
+    p = pdfgen.text_pdf(tmp_path / "a.pdf", pages=1)
+    with RenderPool(workers=1) as pool:
+        pool.wait_ready()
+        os.kill(pool._pool[0].proc.pid, signal.SIGKILL)
+        pool._pool[0].proc.join(5)
+        pool.submit(RenderTask(7, "a", str(p), 0, dpi=72))
+        (r,) = _collect_all(pool, 1)
+    assert r.task.task_id == 7 and r.kind == "ok" and "Page 1 heading" in r.payload.text_layer
+
+
+def test_workers_that_cannot_start_fail_tasks_instead_of_hanging(tmp_path):
+    p = pdfgen.text_pdf(tmp_path / "a.pdf", pages=1)
+    with RenderPool(workers=1, mem_limit_mb=20) as pool:  # too little to import PyMuPDF
+        pool.wait_ready(timeout=60)
+        pool.submit(RenderTask(1, "a", str(p), 0, dpi=72))
+        (r,) = _collect_all(pool, 1, limit_s=90)
+    assert r.kind == "crash" and "while starting" in r.message

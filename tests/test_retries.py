@@ -108,7 +108,7 @@ def test_engine_that_keeps_dying_fails_run_cleanly(tmp_path, run_fake, monkeypat
     pdfgen.text_pdf(src / "a.pdf", pages=2)
     monkeypatch.setattr(FakeEngine, "restart", lambda self: setattr(self, "die_after_outputs", 0))
     code, out, _ = run_fake(src, "--engine-restarts", "2", die_after_outputs=0)
-    assert code == 1
+    assert code == 3  # EXIT_ENGINE: the engine died more often than allowed
     summary = json.loads((out / "_run_summary.json").read_text())
     assert summary["files"]["failed"] == 1
     assert "engine failed" in summary["docs"][0]["error"]
@@ -183,3 +183,23 @@ def test_stalled_engine_is_detected_and_pages_resent(tmp_path, run_fake):
     assert [r["status"] for r in _recs(out, "a")] == ["ok"] * 4
     assert factory.engines[-1].restarts == 1
     assert json.loads((out / "_run_summary.json").read_text())["engine_restarts"] == 1
+
+
+def test_engine_found_dead_on_submit_is_restarted(tmp_path, run_fake):
+    src = tmp_path / "in"
+    pdfgen.text_pdf(src / "a.pdf", pages=4)
+    code, out, factory = run_fake(src, submit_dies_once=2)
+    assert code == 0
+    assert [r["status"] for r in _recs(out, "a")] == ["ok"] * 4
+    assert factory.engines[-1].restarts == 1
+
+
+def test_restart_that_fails_ends_run_with_records_and_exit_3(tmp_path, run_fake):
+    src = tmp_path / "in"
+    pdfgen.text_pdf(src / "a.pdf", pages=2)
+    pdfgen.text_pdf(src / "b.pdf", pages=2)
+    code, out, _ = run_fake(src, die_after_outputs=1, restart_fails=True)
+    assert code == 3
+    summary = json.loads((out / "_run_summary.json").read_text())
+    assert sum(summary["files"].values()) == 2  # every input has a record
+    assert any("restart failed" in (d["error"] or "") for d in summary["docs"])

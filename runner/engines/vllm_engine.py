@@ -219,8 +219,15 @@ class VllmEngine:
 
     def _start_thread(self) -> None:
         self._dead = None
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="vllm-feed", daemon=True)
+        # Each feeding thread gets its own stop event and inbox: an old thread that outlived
+        # close() (stuck in step()) must never touch the rebuilt engine's state.
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run,
+            args=(self._stop, self._inbox, self._llm.llm_engine),
+            name="vllm-feed",
+            daemon=True,
+        )
         self._thread.start()
 
     def _warmup(self) -> None:
@@ -295,8 +302,8 @@ class VllmEngine:
 
     # -- protocol -------------------------------------------------------------------------------
     def submit(self, requests: Sequence[PageRequest]) -> None:
-        if self._dead is not None:
-            raise EngineDied(f"vLLM engine died: {self._dead!r}")
+        # Never raises: a request queued on a dead engine is resent by the scheduler after the
+        # next poll() reports the death (the protocol: only poll raises EngineDied).
         now = time.perf_counter()
         with self._lock:
             for r in requests:
@@ -333,11 +340,10 @@ class VllmEngine:
             return len(self._pending)
 
     # -- feeding thread -------------------------------------------------------------------------
-    def _run(self) -> None:
-        engine = self._llm.llm_engine
+    def _run(self, stop: threading.Event, inbox: queue.Queue[PageRequest | None], engine: Any) -> None:
         beat = time.monotonic()
         try:
-            while not self._stop.is_set():
+            while not stop.is_set():
                 if self._pending and time.monotonic() - beat > 10:
                     # Heartbeat for diagnosing stalls (a CLI run on the GPU machine stopped
                     # returning pages with vLLM's engine core idle; GPU_NOTES.md).
@@ -345,14 +351,14 @@ class VllmEngine:
                     log.info(
                         "vllm engine: pending=%d inbox=%d vllm_unfinished=%d steps=%d added=%d",
                         len(self._pending),
-                        self._inbox.qsize(),
+                        inbox.qsize(),
                         engine.get_num_unfinished_requests(),
                         self.stats["steps"],
                         self.stats["added"],
                     )
                 busy = engine.has_unfinished_requests()
-                self._drain_inbox(engine, block=not busy)
-                if self._stop.is_set():
+                self._drain_inbox(engine, inbox, block=not busy)
+                if stop.is_set():
                     break
                 if engine.has_unfinished_requests():
                     for ro in engine.step():
@@ -360,14 +366,14 @@ class VllmEngine:
                             self._finish(ro)
                     self.stats["steps"] += 1
         except Exception as e:  # the engine core died (EngineDeadError) or stepping broke
-            if not self._stop.is_set():
+            if not stop.is_set() and self._thread is threading.current_thread():
                 log.exception("vLLM engine failed; in-flight pages will be resubmitted after a restart")
                 self._dead = e
 
-    def _drain_inbox(self, engine: Any, *, block: bool) -> None:
+    def _drain_inbox(self, engine: Any, inbox: queue.Queue[PageRequest | None], *, block: bool) -> None:
         while True:
             try:
-                item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
+                item = inbox.get(timeout=0.05) if block else inbox.get_nowait()
             except queue.Empty:
                 return
             if item is None:

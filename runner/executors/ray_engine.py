@@ -49,6 +49,7 @@ _DESCRIBED = {
     "check_degenerate": True,
     "resolution": None,
     "large_resolution": None,
+    "supports_request_resolution": False,  # vLLM with the plugin processor: Large pass reuses actors
 }
 
 
