@@ -960,16 +960,58 @@ class Pipeline:
         self.progress.doc_done(ok=status == "ok")
 
     def _write_review(self, st: _DocState, pages: list[PageResult]) -> None:
-        from runner.report import render_review_html
-
         recs = []
         for p in pages:
             rec = p.to_json()
             rec["markdown"] = p.markdown
             rec["regions"] = list(p.regions)
             recs.append(rec)
-        html = render_review_html(st.local_path, recs, title=st.doc.output_stem, password=self.cfg.password)
+        html = _isolated_review(
+            st.local_path,
+            recs,
+            st.doc.output_stem,
+            self.cfg.password,
+            self.cfg.render_memory_mb,
+            timeout_s=max(120.0, 2 * self.cfg.render_timeout_s),
+        )
         self.outputs.write_bytes(st.doc.output_stem + ".review.html", html.encode("utf-8"))
+
+
+def _review_child(
+    conn: Any, pdf: str, recs: list[dict[str, Any]], title: str, password: str | None, mem_mb: int
+) -> None:
+    from runner.render import prepare_worker
+    from runner.report import render_review_html
+
+    prepare_worker(mem_mb)
+    conn.send(render_review_html(pdf, recs, title=title, password=password))
+    conn.close()
+
+
+def _isolated_review(
+    pdf: str, recs: list[dict[str, Any]], title: str, password: str | None, mem_mb: int, timeout_s: float
+) -> str:
+    """The review page re-renders thumbnails from the PDF: like every PDF operation that runs in
+    a spawned child with a memory limit and a deadline, never in the main process."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_review_child, args=(child, pdf, recs, title, password, mem_mb), daemon=True)
+    proc.start()
+    child.close()
+    try:
+        if not parent.poll(timeout_s):
+            raise TimeoutError(f"review page took longer than {timeout_s:g} s")
+        html: str = parent.recv()
+        return html
+    except EOFError:
+        raise RuntimeError(f"review worker died (exit code {proc.exitcode})") from None
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join(5)
+        parent.close()
 
 
 def _local_pool(cfg: RunConfig) -> RenderPool:
