@@ -846,10 +846,15 @@ class Pipeline:
         ec = dataclasses.replace(self.cfg.engine_config, resolution=large_res)
         large_cfg = dataclasses.replace(self.cfg, engine_config=ec)
         large = self.engine_factory(large_cfg)
-        t = time.perf_counter()
-        large.start()
-        self.stats.engine_startup_s += time.perf_counter() - t
-        return self._drive(large, pool, phase="large", jobs=jobs)
+        try:
+            t = time.perf_counter()
+            large.start()
+            self.stats.engine_startup_s += time.perf_counter() - t
+            return self._drive(large, pool, phase="large", jobs=jobs)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                large.close()
+            raise
 
     def _submit(
         self, engine: Engine, req: PageRequest, in_engine: dict[str, tuple[_PageWork, PageRequest]]
