@@ -236,6 +236,7 @@ def merge_summaries(
         }
         for name, p in sorted(parts.items())
     }
+    merged["shards"] = [sh for _, p in sorted(parts.items()) for sh in (p.get("shards") or [])]
     merged.update(extra or {})
     return merged
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -58,6 +59,15 @@ def build_summary(
         "render_seconds_total": round(stats.render_seconds, 3),
         "counters": dict(sorted(counters.items())),
         "timeline": stats.timeline,
+        # one entry per shard/GPU; the --gpus launcher concatenates its workers' entries
+        "shards": [
+            {
+                "shard": f"{cfg.shard_index}-of-{cfg.num_shards}",
+                "gpu": os.environ.get("CUDA_VISIBLE_DEVICES") or None,
+                "pages": n_pages,
+                "pages_per_s": round(n_pages / processing_s, 4) if n_pages else 0.0,
+            }
+        ],
         "docs": [
             {
                 "source": d.source,
