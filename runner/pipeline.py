@@ -89,6 +89,7 @@ class _DocState:
     regions: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     notes: list[str] = field(default_factory=list)
+    input_open: bool = True  # False while parked pages wait for a later phase
 
     @property
     def complete(self) -> bool:
@@ -172,9 +173,11 @@ class Pipeline:
         try:
             self._pending_docs: deque[InputDoc] = deque(todo)
             engine = self._drive(engine, pool, phase="main")
+            self._reacquire_inputs()
             waiting = [w for st in self._states.values() for w in st.waiting_large.values()]
             if waiting:
                 engine = self._large_phase(engine, pool, waiting)
+            self._reacquire_inputs()
             roi = [w for st in self._states.values() for w in st.waiting_roi.values()]
             if roi:
                 engine = self._roi_phase(engine, pool, roi)
@@ -296,11 +299,23 @@ class Pipeline:
                     if retry is not None:
                         in_engine[retry.request_id] = (w, retry)
                         engine = self._submit(engine, retry, in_engine)
-            # 5. write finished documents
+            # 5. write finished documents; a document whose pages are all settled or parked for a
+            #    later phase releases its input (an S3 download) until that phase
             for st in [
                 s for s in self._states.values() if s.complete and not s.waiting_large and not s.waiting_roi
             ]:
                 self._finish_doc(st)
+            if phase == "main":
+                for st in self._states.values():
+                    parked = len(st.waiting_large) + len(st.waiting_roi)
+                    if (
+                        st.input_open
+                        and parked
+                        and st.page_count is not None
+                        and (len(st.results) + parked == st.todo)
+                    ):
+                        st.stack.close()
+                        st.input_open = False
             now = time.perf_counter()
             if now - last_tick >= 1.0:
                 last_tick = now
@@ -314,6 +329,22 @@ class Pipeline:
                 break
         self.stats.timeline.append((round(time.perf_counter() - self.stats.t0, 2), self.stats.pages_done))
         return engine
+
+    def _reacquire_inputs(self) -> None:
+        """Reopen the inputs of documents parked for a later phase; if one cannot be had again,
+        its parked pages keep their earlier reading (or fall back) instead of waiting forever."""
+        for st in list(self._states.values()):
+            if st.input_open:
+                continue
+            st.stack = contextlib.ExitStack()
+            try:
+                st.local_path = st.stack.enter_context(self.inputs.local_path(st.doc.rel))
+                st.input_open = True
+            except Exception as e:  # storage errors are per-document
+                why = f"input unavailable for the second phase: {type(e).__name__}: {e}"
+                log.error("%s: %s", self.inputs.uri(st.doc.rel), why)
+                for w in [*st.waiting_large.values(), *st.waiting_roi.values()]:
+                    self._page_done(w, w.provisional or self._fallback(w, why, None))
 
     def _fail_open(self, why: str) -> None:
         for st in list(self._states.values()):

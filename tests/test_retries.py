@@ -203,3 +203,30 @@ def test_restart_that_fails_ends_run_with_records_and_exit_3(tmp_path, run_fake)
     summary = json.loads((out / "_run_summary.json").read_text())
     assert sum(summary["files"].values()) == 2  # every input has a record
     assert any("restart failed" in (d["error"] or "") for d in summary["docs"])
+
+
+def test_parked_documents_release_their_input_until_the_large_phase(tmp_path, run_fake, monkeypatch):
+    import contextlib
+
+    from runner.storage import LocalStorage
+
+    opened: list[str] = []
+    active: set[str] = set()
+    original = LocalStorage.local_path
+
+    @contextlib.contextmanager
+    def tracking(self, rel):
+        opened.append(rel)
+        active.add(rel)
+        with original(self, rel) as p:
+            yield p
+        active.discard(rel)
+
+    monkeypatch.setattr(LocalStorage, "local_path", tracking)
+    src = tmp_path / "in"
+    pdfgen.text_pdf(src / "a.pdf", pages=2)
+    code, out, _ = run_fake(src, loop_all_attempts_in_base={("a.pdf", 1)})
+    assert code == 0
+    assert [r["status"] for r in _recs(out, "a")] == ["ok", "large_ok"]
+    assert opened == ["a.pdf", "a.pdf"]  # released while parked, reopened for the Large phase
+    assert not active  # and closed at the end
