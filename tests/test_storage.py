@@ -5,7 +5,6 @@ mode on 127.0.0.1, started here). Transient faults are injected at the HTTP laye
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 from runner.storage import LocalStorage, open_storage
 
 boto3 = pytest.importorskip("boto3")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")  # the `endpoint` fixture (conftest.py) runs a moto server
 
 from botocore.awsrequest import AWSResponse  # noqa: E402
 from botocore.exceptions import ClientError  # noqa: E402
@@ -25,23 +24,6 @@ from runner.storage_s3 import S3Options, S3Storage, S3StorageError, parse_s3_uri
 
 ACCESS_KEY = "AKIATESTTESTTESTTEST"
 SECRET_KEY = "s3cr3t-never-printed-0123456789abcdef"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def endpoint() -> Iterator[str]:
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
 
 
 def _client(endpoint: str, max_attempts: int = 0) -> Any:
