@@ -32,10 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runner.summary import SUMMARY_NAME, dumps, shard_summary_name
+
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-SUMMARY_NAME = "_run_summary.json"
 # Totals that are meaningful when summed across shards; rates and ratios are recomputed instead.
 _ADDITIVE_TOP = (
     "pages_total",
@@ -62,7 +63,7 @@ class WorkerSpec:
         return f"shard-{self.shard_index}-of-{self.num_shards}"
 
     def summary_name(self) -> str:
-        return f"_run_summary.shard-{self.shard_index}-of-{self.num_shards}.json"
+        return shard_summary_name(self.shard_index, self.num_shards)
 
 
 @dataclass(frozen=True)
@@ -435,7 +436,7 @@ def _merge_and_write(
     ]
     merged = merge_summaries(parts, wall, {"gpus": list(gpus), "workers": workers})
     try:
-        outputs.write_bytes(SUMMARY_NAME, json.dumps(merged, indent=1, ensure_ascii=False).encode("utf-8"))
+        outputs.write_bytes(SUMMARY_NAME, dumps(merged))  # escaped like every JSON output
     except (OSError, RuntimeError) as e:
         print(f"error: cannot write {SUMMARY_NAME}: {e}", file=sys.stderr)
         return EXIT_FAILED

@@ -11,11 +11,16 @@ from runner.jsonsafe import safe_dumps
 from runner.pipeline import RunStats
 from runner.records import DocResult
 
+SUMMARY_NAME = "_run_summary.json"
+
+
+def shard_summary_name(shard_index: int, num_shards: int) -> str:
+    """Where one shard writes its summary (the --gpus launcher merges these into SUMMARY_NAME)."""
+    return f"_run_summary.shard-{shard_index}-of-{num_shards}.json"
+
 
 def summary_name(cfg: RunConfig) -> str:
-    if cfg.num_shards > 1:
-        return f"_run_summary.shard-{cfg.shard_index}-of-{cfg.num_shards}.json"
-    return "_run_summary.json"
+    return shard_summary_name(cfg.shard_index, cfg.num_shards) if cfg.num_shards > 1 else SUMMARY_NAME
 
 
 def build_summary(
