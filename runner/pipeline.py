@@ -938,13 +938,8 @@ class Pipeline:
             # A done marker from an earlier run must not outlive a rewrite that fails half-way.
             self.outputs.delete(stem + ".done")
             self.outputs.write_bytes(stem + ".md", join_pages([p.markdown for p in pages]).encode("utf-8"))
-            lines = []
-            for p in pages:
-                rec = p.to_json()
-                rec["markdown"] = p.markdown
-                if self.cfg.mode == "grounded":
-                    rec["regions"] = list(p.regions)
-                lines.append(safe_dumps(rec))
+            grounded = self.cfg.mode == "grounded"
+            lines = [safe_dumps(p.to_json(with_regions=grounded)) for p in pages]
             self.outputs.write_bytes(stem + ".pages.jsonl", ("\n".join(lines) + "\n").encode("utf-8"))
             if self.cfg.mode == "grounded":
                 reg_lines = [safe_dumps({"page": p.page, **r}) for p in pages for r in p.regions]
@@ -996,12 +991,7 @@ class Pipeline:
         self.progress.doc_done(ok=status == "ok")
 
     def _write_review(self, st: _DocState, pages: list[PageResult]) -> None:
-        recs = []
-        for p in pages:
-            rec = p.to_json()
-            rec["markdown"] = p.markdown
-            rec["regions"] = list(p.regions)
-            recs.append(rec)
+        recs = [p.to_json(with_regions=True) for p in pages]
         html = _isolated_review(
             st.local_path,
             recs,

@@ -128,8 +128,9 @@ class PageResult:
     regions: tuple[dict[str, Any], ...] = ()  # grounded regions (label, box_pt, text)
     notes: tuple[str, ...] = ()
 
-    def to_json(self) -> dict[str, Any]:
-        return {
+    def to_json(self, *, with_regions: bool = False) -> dict[str, Any]:
+        """One ``<stem>.pages.jsonl`` record; ``with_regions`` for grounded output."""
+        rec = {
             "page": self.page,
             "status": self.status.value,
             "engine": self.engine,
@@ -144,7 +145,11 @@ class PageResult:
             "counters": dict(self.counters),
             "notes": list(self.notes),
             "raw_text": self.raw_text,
+            "markdown": self.markdown,
         }
+        if with_regions:
+            rec["regions"] = list(self.regions)
+        return rec
 
 
 @dataclass(frozen=True)
