@@ -64,9 +64,8 @@ class _PageWork:
     provisional: PageResult | None = None  # accepted result awaiting the Large or ROI phase
     large_reason: str = ""
     # ROI pass: a parent page holds its accepted raw text and the crops' readings
-    accepted_raw: str = ""
-    accepted_out: EngineOutput | None = None
-    roi_regions: list[Any] = field(default_factory=list)  # parsed regions of accepted_raw
+    roi_geometry: Any = None  # PageGeometry of the accepted reading (the page image is released)
+    roi_regions: list[Any] = field(default_factory=list)  # parsed regions of the accepted reading
     roi_readings: dict[int, str | None] = field(default_factory=dict)
     roi_pending: int = 0
     # ROI pass: a crop job points at its parent page and region
@@ -591,11 +590,11 @@ class Pipeline:
         return None
 
     def _clean(self, w: _PageWork, raw: str) -> Any:
-        from postprocess import CleanOptions, PageGeometry, clean_page
+        from postprocess import CleanOptions, clean_page
 
         img = w.image
         assert img is not None
-        geom = PageGeometry(img.width, img.height, img.page_width_pt, img.page_height_pt)
+        geom = _geometry(img)
         link = self._figure_linker(w) if self.cfg.assets != "none" and img.pixels else None
         return clean_page(
             raw,
@@ -632,14 +631,7 @@ class Pipeline:
     def _result(self, w: _PageWork, status: PageStatus, out: EngineOutput | None, cleaned: Any) -> PageResult:
         regions: tuple[dict[str, Any], ...] = ()
         if self.cfg.mode == "grounded":
-            regions = tuple(
-                {
-                    "label": r.label,
-                    "box_pt": [list(map(lambda v: round(float(v), 2), b)) for b in r.boxes_pt],
-                    "text": r.text,
-                }
-                for r in cleaned.regions
-            )
+            regions = _region_records(cleaned.regions)
         if self.cfg.assets == "pages" and w.image is not None and w.image.pixels:
             import io
 
@@ -714,16 +706,15 @@ class Pipeline:
     def _accept(self, w: _PageWork, result: PageResult, out: EngineOutput | None) -> None:
         """Settle an accepted page, or park it for the ROI pass when it has regions to re-read."""
         if self.cfg.roi_pass and self.cfg.mode == "grounded" and out is not None and w.image is not None:
-            from postprocess import PageGeometry, parse_grounding
+            from postprocess import parse_grounding
 
-            img = w.image
-            geom = PageGeometry(img.width, img.height, img.page_width_pt, img.page_height_pt)
+            geom = _geometry(w.image)
             regions, _ = parse_grounding(out.text, geom)
             picks = [
                 i for i, r in enumerate(regions) if r.tagged and r.label in self.cfg.roi_labels and r.boxes_pt
             ][:ROI_MAX_REGIONS]
             if picks:
-                w.provisional, w.accepted_raw, w.accepted_out = result, out.text, out
+                w.provisional, w.roi_geometry = result, geom
                 w.roi_regions, w.roi_pending = regions, len(picks)
                 w.roi_readings = {i: None for i in picks}
                 w.image = None  # crops are rendered afresh at ROI_SCALE; do not hold the page
@@ -794,20 +785,11 @@ class Pipeline:
             return
         raw = "\n".join(parts)
         cleaned = clean_page(
-            raw, options=CleanOptions(mode=self.cfg.mode, table_format=self.cfg.table_format)
+            raw,
+            options=CleanOptions(mode=self.cfg.mode, table_format=self.cfg.table_format),
+            geometry=w.roi_geometry,
         )
-        regions = (
-            tuple(
-                {
-                    "label": r.label,
-                    "box_pt": [[round(float(v), 2) for v in b] for b in r.boxes_pt],
-                    "text": r.text,
-                }
-                for r in cleaned.regions
-            )
-            if cleaned.regions and all(r.boxes_pt for r in cleaned.regions if r.tagged)
-            else prov.regions
-        )
+        regions = _region_records(cleaned.regions)
         self.stats.roi_improved += 1
         log.info("%s page %d: ROI pass replaced %d region(s)", st.doc.doc_key, w.index + 1, len(replaced))
         self._page_done(
@@ -1038,6 +1020,20 @@ def _isolated_review(
             proc.kill()
         proc.join(5)
         parent.close()
+
+
+def _geometry(img: PageImage) -> Any:
+    from postprocess import PageGeometry
+
+    return PageGeometry(img.width, img.height, img.page_width_pt, img.page_height_pt)
+
+
+def _region_records(regions: Any) -> tuple[dict[str, Any], ...]:
+    """Grounded regions as written to page records and ``<stem>.regions.jsonl`` (boxes in PDF points)."""
+    return tuple(
+        {"label": r.label, "box_pt": [[round(float(v), 2) for v in b] for b in r.boxes_pt], "text": r.text}
+        for r in regions
+    )
 
 
 def _local_pool(cfg: RunConfig) -> RenderPool:

@@ -164,6 +164,7 @@ def test_roi_pass_rereads_regions_from_sharper_crops(tmp_path, run_fake):
     # regions of grounded output stay well-formed and in PDF points
     regions = [json.loads(x) for x in (out / "a.regions.jsonl").read_text().splitlines()]
     assert regions and all(len(r["box_pt"][0]) == 4 for r in regions)
+    assert any("Sharper reading of a region of page 1" in r["text"] for r in regions)  # the merged reading
     summary = json.loads((out / "_run_summary.json").read_text())
     assert summary["retries"]["roi_improved"] == 2
 
