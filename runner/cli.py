@@ -133,6 +133,12 @@ def build_parser(default_engine: str = "vllm") -> argparse.ArgumentParser:
     en.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
     en.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     en.add_argument("--max-model-len", type=int, default=d.max_model_len)
+    en.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=d.max_num_batched_tokens,
+        help="tokens per engine step (vLLM; smaller = smaller activation peak)",
+    )
     en.add_argument("--max-tokens", type=int, default=d.max_tokens)
     en.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size)
     en.add_argument("--mm-encoder-tp-mode", choices=("weights", "data"))
@@ -194,6 +200,7 @@ def config_from_args(args: argparse.Namespace, inputs: tuple[str, ...], root: st
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         max_tokens=args.max_tokens,
         tensor_parallel_size=args.tensor_parallel_size,
         mm_encoder_tp_mode=args.mm_encoder_tp_mode,

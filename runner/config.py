@@ -25,6 +25,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     max_num_seqs: int = 512  # measured faster than 256 on an H100 (tmp_pdf_runs/GPU_NOTES.md)
     max_model_len: int = 8192
+    max_num_batched_tokens: int | None = None  # vLLM's per-step token budget; None = vLLM's default
     max_tokens: int = 8192
     tensor_parallel_size: int = 1
     mm_encoder_tp_mode: str | None = None  # "weights" | "data"

@@ -74,6 +74,14 @@ def apply_profile(cfg: EngineConfig, gpu_mem_gib: float | None) -> tuple[EngineC
     _set(cfg, changes, reasons, "max_model_len", 4096, "vision prompt + 4k output tokens is enough per page")
     _set(cfg, changes, reasons, "max_tokens", 3072, "bounded by the shorter context")
     _set(
+        cfg,
+        changes,
+        reasons,
+        "max_num_batched_tokens",
+        2048,
+        "a 2k-token step budget keeps the activation peak vLLM reserves small",
+    )
+    _set(
         cfg, changes, reasons, "resolution", "base", "273 vision tokens instead of ~903, smaller encoder peak"
     )
     if gpu_mem_gib is not None and gpu_mem_gib < 6.0:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import random
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from runner.engines.guard import GuardParams, GuardState, apply_bans, reference_banned
+from runner.engines.guard_torch import DeviceGuardState
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
@@ -26,22 +28,34 @@ def _looping_sequence(rng: random.Random, length: int, vocab: int) -> list[int]:
     return seq[:length]
 
 
-def _step_all(state: GuardState, vocab: int) -> dict[int, set[int]]:
-    rows, toks = state.banned()
-    logits = torch.zeros(max(state.rows, default=-1) + 1, vocab)
-    apply_bans(logits, rows, toks)
-    return {i: set(torch.nonzero(torch.isinf(logits[i])).flatten().tolist()) for i in state.rows}
+def _step_all(state: GuardState | DeviceGuardState, vocab: int) -> dict[int, set[int]]:
+    logits = torch.randn(max(state.rows, default=-1) + 1, vocab)
+    before = logits.clone()
+    if isinstance(state, DeviceGuardState):
+        logits = state.apply(logits.to(state.device)).cpu()
+    else:
+        rows, toks = state.banned()
+        apply_bans(logits, rows, toks)
+    banned = torch.isinf(logits)
+    assert torch.equal(logits[~banned], before[~banned])  # nothing else is touched
+    return {i: set(torch.nonzero(banned[i]).flatten().tolist()) for i in state.rows}
 
 
+STATES = pytest.mark.parametrize(
+    "make_state", [GuardState, lambda: DeviceGuardState("cpu")], ids=["numpy", "device"]
+)
+
+
+@STATES
 @pytest.mark.parametrize("n,w", [(1, 5), (2, 2), (2, 5), (3, 10), (5, 12), (30, 90), (20, 50), (4, 9)])
-def test_matches_reference_step_by_step(n: int, w: int) -> None:
+def test_matches_reference_step_by_step(n: int, w: int, make_state: Any) -> None:
     rng = random.Random(n * 1000 + w)
     vocab = 12
     wl = (3, 4)
     params = GuardParams(n, w, wl)
     seqs = [_looping_sequence(rng, rng.randint(n + 5, 3 * w + 40), vocab) for _ in range(6)]
     outs: list[list[int]] = [[] for _ in seqs]
-    state = GuardState()
+    state = make_state()
     state.update([], [(i, params.extra_args(), outs[i]) for i in range(len(seqs))], [])
     banned_total = 0
     for step in range(max(len(s) for s in seqs)):
@@ -56,19 +70,21 @@ def test_matches_reference_step_by_step(n: int, w: int) -> None:
     assert banned_total > 0 or n == 1  # the planted repeats did trigger the guard (n=1 never bans)
 
 
-def test_whitelist_is_never_banned() -> None:
+@STATES
+def test_whitelist_is_never_banned(make_state: Any) -> None:
     params = GuardParams(2, 10, whitelist=(7,))
     out = [7, 7, 7, 7]
-    state = GuardState()
+    state = make_state()
     state.update([], [(0, params.extra_args(), out)], [])
     assert _step_all(state, 10)[0] == set()
     assert reference_banned([5, 7, 5], GuardParams(2, 10)) == {7}
 
 
-def test_batch_moves_swaps_and_removals_follow_requests() -> None:
+@STATES
+def test_batch_moves_swaps_and_removals_follow_requests(make_state: Any) -> None:
     p = GuardParams(2, 8)
     a, b, c = [1, 2, 1], [4, 5, 4], [6, 6]
-    state = GuardState()
+    state = make_state()
     state.update([], [(0, p.extra_args(), a), (1, p.extra_args(), b), (2, None, c)], [])
     assert set(state.rows) == {0, 1}  # no guard args -> not tracked
     assert _step_all(state, 8) == {0: {2}, 1: {5}}
@@ -78,10 +94,11 @@ def test_batch_moves_swaps_and_removals_follow_requests() -> None:
     assert _step_all(state, 8) == {0: {2}}
 
 
-def test_async_placeholders_are_not_history() -> None:
+@STATES
+def test_async_placeholders_are_not_history(make_state: Any) -> None:
     p = GuardParams(2, 8)
     out = [1, 2, 1, -1]
-    state = GuardState()
+    state = make_state()
     state.update([], [(0, p.extra_args(), out)], [])
     assert _step_all(state, 4) == {0: {2}}
     out[-1] = 2  # vLLM repairs the placeholder before sampling
@@ -116,7 +133,12 @@ def test_vectorised_check_is_fast_at_batch_256() -> None:
 
 
 @pytest.mark.skipif(not HAS_VLLM, reason="vLLM not importable here (runs on the GPU machine)")
-def test_equivalent_to_vllm_no_repeat_ngram_processor() -> None:
+@pytest.mark.parametrize(
+    "make_state",
+    [GuardState, lambda: DeviceGuardState("cuda" if torch.cuda.is_available() else "cpu")],
+    ids=["numpy", "device"],
+)
+def test_equivalent_to_vllm_no_repeat_ngram_processor(make_state: Any) -> None:
     from vllm.model_executor.models.deepseek_ocr import NoRepeatNGramLogitsProcessor
 
     rng = random.Random(7)
@@ -128,7 +150,7 @@ def test_equivalent_to_vllm_no_repeat_ngram_processor() -> None:
         params = GuardParams(n, w, wl)
         upstream = NoRepeatNGramLogitsProcessor(n, w, set(wl))
         seq = _looping_sequence(rng, rng.randint(1, 300), vocab)
-        state = GuardState()
+        state = make_state()
         out: list[int] = []
         state.update([], [(0, params.extra_args(), out)], [])
         for tok in seq:
@@ -137,3 +159,52 @@ def test_equivalent_to_vllm_no_repeat_ngram_processor() -> None:
             ref = upstream(list(out), torch.zeros(vocab))
             theirs = set(torch.nonzero(torch.isinf(ref)).flatten().tolist())
             assert mine == theirs, (trial, len(out))
+
+
+def test_device_guard_matches_reference_under_batch_churn() -> None:
+    """Random adds, removals, moves, swaps, multi-token and placeholder steps: both states ban
+    exactly what the reference bans for every live row, every step."""
+    rng = random.Random(11)
+    vocab = 16
+    params = [GuardParams(3, 12, (5,)), GuardParams(4, 9), GuardParams(2, 6, (1, 2))]
+    host, dev = GuardState(), DeviceGuardState("cpu")
+    live: dict[int, tuple[GuardParams, list[int], list[int]]] = {}  # index -> params, source, out
+    checked = 0
+    for _step in range(400):
+        removed, added, moved = [], [], []
+        for idx in list(live):
+            if rng.random() < 0.03:
+                removed.append(idx)
+                del live[idx]
+        free = [i for i in range(10) if i not in live]
+        if free and rng.random() < 0.3:
+            idx = rng.choice(free)
+            p = rng.choice(params)
+            src = _looping_sequence(rng, rng.randint(20, 120), vocab)
+            out: list[int] = []
+            live[idx] = (p, src, out)
+            added.append((idx, p.extra_args(), out))
+        if len(live) >= 2 and rng.random() < 0.2:
+            a, b = rng.sample(sorted(live), 2)
+            if rng.random() < 0.5:
+                moved.append((a, b, True))
+                live[a], live[b] = live[b], live[a]
+            else:  # one-way move: b's request is overwritten (vLLM removes it first)
+                removed.append(b)
+                del live[b]
+                host.update([b], [], [])
+                dev.update([b], [], [])
+                removed.remove(b)
+                moved.append((a, b, False))
+                live[b] = live.pop(a)
+        host.update(removed, added, moved)
+        dev.update(removed, added, moved)
+        for _idx, (_p, src, out) in live.items():
+            k = 2 if rng.random() < 0.05 else 1  # now and then two tokens in one step
+            out.extend(src[len(out) : len(out) + k] or [rng.randrange(vocab)])
+        got_h, got_d = _step_all(host, vocab), _step_all(dev, vocab)
+        for idx, (p, _src, out) in live.items():
+            want = reference_banned(out, p)
+            assert got_h[idx] == want and got_d[idx] == want, (idx, _step)
+            checked += len(want)
+    assert checked > 50

@@ -49,6 +49,15 @@ for step in "$@"; do
             --max-num-seqs ${SEQS:-64} --retries 0 --no-large-pass --progress log --render-workers 12 --force \
             --log-file "$OUT/diag_run.log" > "$OUT/diag.out" 2>&1; echo "diag rc=$?"; tail -40 "$OUT/diag.out" | cut -c1-300
           python3 tmp_pdf_runs/smoke_check.py /tmp/dg_in /tmp/dg_out ;;
+    abx) log abx; timeout -k 10 ${ABTO:-560} python3 tools/bench.py --model-dir $M/deepseek-ocr --pages ${PAGES:-1024} --max-num-seqs ${SEQS:-1024} --baseline off --product engine --guard-ab --round-caps ${CAPS:-512} --work-dir /tmp/bab --jsonl "$OUT/benchmarks.jsonl" --tag guard-ab-batch 2>&1 | tail -2; grep "ROUND\|STALL\|Error" /tmp/bab/engine.log | head; cp /tmp/bab/engine.log "$OUT/abx_engine.log" ;;
+    lowvram) for cap in ${CAPS_GIB:-6 8}; do log "lowvram cap $cap GiB"
+          util=$(python3 -c "import subprocess; t=float(subprocess.check_output(['nvidia-smi','--query-gpu=memory.total','--format=csv,noheader,nounits']).split()[0])/1024; print(round($cap/t, 4))")
+          timeout -k 10 ${LVTO:-280} python3 tools/bench.py --model-dir $M/${LVMODEL:-deepseek-ocr} --pages ${LVPAGES:-48} --max-num-seqs 512 --baseline off --product cli \
+            --gpu-memory-utilization $util --gpu-mem-cap-gib $cap --work-dir /tmp/lv$cap --jsonl "$OUT/benchmarks.jsonl" --tag lowvram-${cap}gib \
+            --cli-extra --profile auto 2>&1 | tail -2
+          grep -i "profile\|engine ready\|KV cache\|Error\|memory" /tmp/lv$cap/product.log | cut -c1-220 | head -20; cp /tmp/lv$cap/product.log "$OUT/lowvram_${cap}.log"; done ;;
+    hf) log hf; for m in deepseek-ocr-2 deepseek-ocr; do PYTHONPATH=$PYTHONPATH:.gpu_carry/hf_bench/pkgs timeout -k 10 ${HFTO:-240} python3 tools/bench_hf.py --model $m --pages ${HFPAGES:-4} \
+          --max-tokens ${HFTOK:-512} --hf-batch-size ${HFB:-4} --shared-models .gpu_carry/hf_bench/models --jsonl "$OUT/benchmarks.jsonl" 2>&1 | tail -4; done ;;
     pack) log pack; tar czf "$OUT/logs.tgz" /tmp/b*/*.log /tmp/smoke_*.log /tmp/smoke_*.out /tmp/rt.log /tmp/rt.out /tmp/smoke_*/_run_summary.json /tmp/smoke_deepseek-ocr_clean/*.md 2>/dev/null; ls -la "$OUT" ;;
     *) echo "unknown step $step" ;;
   esac

@@ -107,6 +107,12 @@ def engine_kwargs(ec: EngineConfig, model_path: str, guard: bool) -> dict[str, A
         enable_mm_embeds=True,
         disable_log_stats=True,
     )
+    if ec.max_num_batched_tokens:
+        kw["max_num_batched_tokens"] = ec.max_num_batched_tokens
+    if ec.max_num_seqs > 512:
+        # vLLM captures CUDA graphs up to 512 sequences by default; larger decode batches would
+        # run without them.
+        kw["compilation_config"] = {"max_cudagraph_capture_size": ec.max_num_seqs}
     if ec.cache_dir:
         kw["download_dir"] = ec.cache_dir
     if ec.quantization:
