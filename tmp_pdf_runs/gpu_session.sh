@@ -29,6 +29,22 @@ restart_test() {
   wait $cli; echo "cli rc=$?"; grep -i "restart\|died\|resubmit" /tmp/rt.log | cut -c1-200 | head
   python3 tmp_pdf_runs/smoke_check.py /tmp/rt_in /tmp/rt_out | tee "$OUT/restart.json"
 }
+x2() {  # RUNS TAG: tools/bench.py --scale RUNS (1, gpus, ray) on GPU_IDS, PPG pages per GPU (issues 9, 10)
+  local runs=$1 tag=$2 rc
+  log "x2 $runs ($tag)"
+  RAY_USAGE_STATS_ENABLED=0 timeout -k 20 "${X2TO:-585}" python3 tools/bench.py --model-dir $M/${X2MODEL:-deepseek-ocr} \
+    --pages-per-gpu "${PPG:-768}" --max-num-seqs "${SEQS:-512}" --gpus "${GPU_IDS:-0,1}" --work-dir /tmp/x2 \
+    --scale "$runs" --product-timeout "${PTO:-560}" --deadline-s "${X2DL:-570}" --jsonl "$OUT/benchmarks.jsonl" \
+    --tag "x2-$tag" > "/tmp/x2_$tag.out" 2>&1; rc=$?; echo "bench rc=$rc"
+  grep -E "^(===|SKIP|SCALE)" "/tmp/x2_$tag.out"; grep "^{" "/tmp/x2_$tag.out" | cut -c1-1500; tail -4 "/tmp/x2_$tag.out" | cut -c1-300
+  if [ "$rc" != 0 ]; then  # timed out: what still holds a GPU (our bench's processes) goes, by pid
+    nvidia-smi --query-compute-apps=pid --format=csv,noheader | while read -r pid; do kill -9 "$pid" 2>/dev/null; done
+  fi
+  case $runs in *ray*) python3 -c "import sys; from ray.scripts.scripts import main; sys.argv=['ray','stop','--force']; main()" >/dev/null 2>&1 ;; esac
+  cp "/tmp/x2_$tag.out" "$OUT/"
+  tar czf "$OUT/x2_${tag}_logs.tgz" -C /tmp/x2 --exclude='*.md' --exclude='*.pdf' --exclude='*.jsonl' . 2>/dev/null
+  for f in /tmp/x2/scale_*/product.log; do echo "--- $f"; grep -iE "error|Traceback|merged|worker .*(ok|FAILED)|engine actor|Ray engine pool|started in" "$f" | cut -c1-250 | tail -12; done
+}
 for step in "$@"; do
   case "$step" in
     info) log info; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; free -g | head -2
@@ -58,6 +74,12 @@ for step in "$@"; do
           grep -i "profile\|engine ready\|KV cache\|Error\|memory" /tmp/lv$cap/product.log | cut -c1-220 | head -20; cp /tmp/lv$cap/product.log "$OUT/lowvram_${cap}.log"; done ;;
     hf) log hf; for m in deepseek-ocr-2 deepseek-ocr; do PYTHONPATH=$PYTHONPATH:.gpu_carry/hf_bench/pkgs timeout -k 10 ${HFTO:-240} python3 tools/bench_hf.py --model $m --pages ${HFPAGES:-4} \
           --max-tokens ${HFTOK:-512} --hf-batch-size ${HFB:-4} --shared-models .gpu_carry/hf_bench/models --jsonl "$OUT/benchmarks.jsonl" 2>&1 | tail -4; done ;;
+    x2info) log x2info; nvidia-smi -L; nproc; free -g | head -2; df -h /dev/shm | tail -1
+          bash tmp_pdf_runs/ray_deps_fallback.sh .stage_ray/fallback ;;
+    x2one) x2 1 one ;;            # one GPU alone, PPG pages (~3-4 min)
+    x2gpus) x2 gpus gpus ;;       # --gpus 0,1, 2*PPG pages (~3-4 min); scaling vs x2one's line
+    x2ray) x2 ray ray ;;          # --executor ray, 2*PPG pages (~4 min); ray_vs_gpus vs x2gpus's line
+    x2all) x2 1,gpus all ;;       # one GPU then --gpus 0,1 in one call (~6-8 min; --deadline-s skips what cannot fit)
     pack) log pack; tar czf "$OUT/logs.tgz" /tmp/b*/*.log /tmp/smoke_*.log /tmp/smoke_*.out /tmp/rt.log /tmp/rt.out /tmp/smoke_*/_run_summary.json /tmp/smoke_deepseek-ocr_clean/*.md 2>/dev/null; ls -la "$OUT" ;;
     *) echo "unknown step $step" ;;
   esac

@@ -16,6 +16,27 @@ GPU busy fraction (NVML utilisation), GPU memory peak and host CPU are sampled w
 Prints one JSON line and appends it to ``tmp_pdf_runs/benchmarks.jsonl`` (``--jsonl``).
 
     python tools/bench.py --model-dir .gpu_carry/models/deepseek-ocr --pages 256
+
+Several GPUs (issues 9 and 10), ``--scale 1,gpus,ray``: the product CLI on one GPU, then with the
+local launcher ``--gpus 0,1``, then ``--executor ray`` with one engine actor per GPU, on the same
+generated PDFs (``--pages-per-gpu`` pages per GPU: the one-GPU run gets K pages, the N-GPU runs
+N*K, so every GPU sees the same work and the same ramp-up and tail). One JSON line per run with
+``gpus``, ``executor``, ``scaling`` (pages/s over the one-GPU run's) and, for Ray,
+``ray_vs_gpus``. The runs can be separate commands (``--scale 1``, then ``--scale gpus``, ...):
+results are kept in ``<work-dir>/scale_results.json`` and later runs are compared with earlier ones
+of the same workload. With several engines the start-up lines come from the workers (the
+launcher keeps their stdout in per-worker logs; Ray actors log nothing of ours), so t0 is read
+from the run's ``--log-file``, where every worker's pipeline writes ``engine vllm started in X s``
+with a wall-clock time stamp (Ray: once, when all actors are ready). Definitions:
+
+- ``pages_per_s`` = pages / (last Markdown - FIRST engine ready): start-up skew between the
+  engines counts against the N-GPU run, so ``scaling`` cannot be inflated by it;
+- ``pages_per_s_last_ready`` = pages / (last Markdown - LAST engine ready), an upper bound
+  (pages may finish on an early engine before t0); ``ray_vs_gpus`` divides Ray's rate by this
+  one of the ``--gpus`` run, which is conservative against Ray (Ray starts no page before all its
+  actors are ready, so its two definitions coincide);
+- ``summary_pages_per_s``: the product's own number (launcher: all pages / the longest worker's
+  processing time after its own start-up).
 """
 
 from __future__ import annotations
@@ -27,10 +48,13 @@ import json
 import os
 import platform
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +66,13 @@ PROMPT = "<image>\n<|grounding|>Convert the document to markdown."
 A4_PT = (595.0, 842.0)
 RESULT_TAG = "BENCH_RESULT "
 READY_RE = re.compile(r"vLLM engine ready in ([0-9.]+) s")
+# The pipeline's line after each engine start (log file format "%(asctime)s %(levelname)s %(name)s: ...").
+STARTED_RE = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) INFO runner[\w.]*: engine \S+ started in ([0-9.]+) s"
+)
+WORKER_LOG_RE = re.compile(r"worker (shard-\d+-of-\d+) on GPU (\S+): log (\S+)")
+SCALE_RUNS = ("1", "gpus", "ray")
+SCALE_TARGETS = {"scaling": 1.9, "ray_vs_gpus": 0.95}  # PERF.md / issues 9 and 10
 
 _WORDS = tuple(
     [
@@ -78,44 +109,63 @@ _WORDS = tuple(
 
 
 # -- workload ------------------------------------------------------------------------------------
-def make_pdfs(folder: Path, pages: int, per_pdf: int = 32) -> list[Path]:
-    """Text-dense A4 PDFs (a title, two paragraphs blocks and a small table per page)."""
-    import pymupdf
+def make_pdfs(folder: Path, pages: int, per_pdf: int = 32, workers: int = 1) -> list[Path]:
+    """Text-dense A4 PDFs (a title, two paragraphs blocks and a small table per page).
 
+    Deterministic: document ``k`` is the same whatever ``pages`` is, so the first documents of a
+    large set equal a smaller set. ``workers`` > 1 builds the documents in parallel processes."""
     folder.mkdir(parents=True, exist_ok=True)
-    paths: list[Path] = []
+    jobs: list[tuple[str, int, int]] = []
     done = 0
-    k = 0
     while done < pages:
         n = min(per_pdf, pages - done)
-        doc = pymupdf.open()
-        for i in range(n):
-            page = doc.new_page(width=A4_PT[0], height=A4_PT[1])
-            page.insert_text((60, 70), f"Benchmark document {k} - page {i + 1}", fontsize=16)
-            words = [_WORDS[(i * 7 + j * 3 + k) % len(_WORDS)] for j in range(900)]
-            page.insert_textbox(pymupdf.Rect(60, 90, 535, 470), " ".join(words[:450]), fontsize=9)
-            for r in range(6):
-                for c in range(4):
-                    x, y = 60 + c * 118, 490 + r * 20
-                    page.draw_rect(pymupdf.Rect(x, y, x + 118, y + 20), width=0.5)
-                    page.insert_text((x + 4, y + 14), f"r{r}c{c} {(r * 4 + c) * (i + 1)}", fontsize=9)
-            page.insert_textbox(pymupdf.Rect(60, 620, 535, 800), " ".join(words[450:]), fontsize=9)
-        p = folder / f"bench_{k:03d}.pdf"
-        doc.save(str(p))
-        doc.close()
-        paths.append(p)
+        k = len(jobs)
+        jobs.append((str(folder / f"bench_{k:03d}.pdf"), k, n))
         done += n
-        k += 1
-    return paths
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as ex:
+            list(ex.map(_make_pdf, *zip(*jobs, strict=True)))
+    else:
+        for job in jobs:
+            _make_pdf(*job)
+    return [Path(j[0]) for j in jobs]
+
+
+def _make_pdf(path: str, k: int, n: int) -> None:
+    import pymupdf
+
+    doc = pymupdf.open()
+    for i in range(n):
+        page = doc.new_page(width=A4_PT[0], height=A4_PT[1])
+        page.insert_text((60, 70), f"Benchmark document {k} - page {i + 1}", fontsize=16)
+        words = [_WORDS[(i * 7 + j * 3 + k) % len(_WORDS)] for j in range(900)]
+        page.insert_textbox(pymupdf.Rect(60, 90, 535, 470), " ".join(words[:450]), fontsize=9)
+        for r in range(6):
+            for c in range(4):
+                x, y = 60 + c * 118, 490 + r * 20
+                page.draw_rect(pymupdf.Rect(x, y, x + 118, y + 20), width=0.5)
+                page.insert_text((x + 4, y + 14), f"r{r}c{c} {(r * 4 + c) * (i + 1)}", fontsize=9)
+        page.insert_textbox(pymupdf.Rect(60, 620, 535, 800), " ".join(words[450:]), fontsize=9)
+    doc.save(path)
+    doc.close()
 
 
 # -- monitoring ----------------------------------------------------------------------------------
 class Monitor:
-    """Samples GPU utilisation/memory (NVML) and host CPU (psutil) in a thread."""
+    """Samples GPU utilisation/memory (NVML) and host CPU (psutil) in a thread.
 
-    def __init__(self, period: float = 0.25) -> None:
+    ``devices``: NVML indices to sample; default the first GPU of ``CUDA_VISIBLE_DEVICES`` (or 0).
+    With several devices the busy fraction is the mean over devices and samples, the memory peak
+    the largest device's, and both also come per device."""
+
+    def __init__(self, period: float = 0.25, devices: Sequence[int] | None = None) -> None:
         self.period = period
-        self.samples: list[tuple[float, float | None, float | None, float]] = []
+        self.devices = list(devices) if devices else None
+        self.samples: list[tuple[float, list[float], list[float], float]] = []
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
@@ -130,39 +180,50 @@ class Monitor:
     def _run(self) -> None:
         import psutil
 
-        nv = None
+        handles: list[Any] = []
         try:
             import pynvml
 
             pynvml.nvmlInit()
-            nv = pynvml.nvmlDeviceGetHandleByIndex(
-                int(os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0])
-            )
+            idx = self.devices or [int(os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0])]
+            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in idx]
         except Exception:  # NVML missing (CPU box): record CPU only
-            nv = None
+            handles = []
         psutil.cpu_percent(None)
         while not self._stop.wait(self.period):
-            util = mem = None
-            if nv is not None:
+            utils: list[float] = []
+            mems: list[float] = []
+            if handles:
                 import pynvml
 
-                util = float(pynvml.nvmlDeviceGetUtilizationRates(nv).gpu)
-                mem = pynvml.nvmlDeviceGetMemoryInfo(nv).used / 2**30
-            self.samples.append((time.time(), util, mem, psutil.cpu_percent(None)))
+                for h in handles:
+                    utils.append(float(pynvml.nvmlDeviceGetUtilizationRates(h).gpu))
+                    mems.append(pynvml.nvmlDeviceGetMemoryInfo(h).used / 2**30)
+            self.samples.append((time.time(), utils, mems, psutil.cpu_percent(None)))
 
     def summary(self, t0: float, t1: float) -> dict[str, Any]:
         s = [x for x in self.samples if t0 <= x[0] <= t1]
-        utils = [x[1] for x in s if x[1] is not None]
-        mems = [x[2] for x in self.samples if x[2] is not None]
+        utils = [sum(x[1]) / len(x[1]) for x in s if x[1]]
+        mems = [max(x[2]) for x in self.samples if x[2]]
         cpus = [x[3] for x in s]
         ncpu = os.cpu_count() or 1
-        return {
+        out: dict[str, Any] = {
             "gpu_busy_fraction": round(sum(utils) / len(utils) / 100, 3) if utils else None,
             "gpu_mem_peak_gib": round(max(mems), 2) if mems else None,
             "host_cpu_percent": round(sum(cpus) / len(cpus), 1) if cpus else None,
             "host_cores_busy": round(sum(cpus) / len(cpus) * ncpu / 100, 1) if cpus else None,
             "host_cores": ncpu,
         }
+        ndev = max((len(x[1]) for x in self.samples), default=0)
+        if ndev > 1:
+            per = [x[1] for x in s if len(x[1]) == ndev]
+            out["gpu_busy_fraction_per_gpu"] = [
+                round(sum(u[i] for u in per) / len(per) / 100, 3) if per else None for i in range(ndev)
+            ]
+            out["gpu_mem_peak_gib_per_gpu"] = [
+                round(max(x[2][i] for x in self.samples if len(x[2]) == ndev), 2) for i in range(ndev)
+            ]
+        return out
 
 
 # -- children ------------------------------------------------------------------------------------
@@ -371,8 +432,31 @@ def _engine_round(
 
 # -- parent --------------------------------------------------------------------------------------
 def _run_child(
-    argv: list[str], log_path: Path, env: dict[str, str], timeout: float | None = None
+    argv: list[str],
+    log_path: Path,
+    env: dict[str, str],
+    timeout: float | None = None,
+    term_grace: float | None = None,
 ) -> tuple[dict[str, Any], list[tuple[float, str]]]:
+    """Run ``argv``, keep its output with arrival times; the ``BENCH_RESULT`` line is the result.
+    After ``timeout`` s the process group is killed; with ``term_grace`` it first gets SIGTERM and
+    that long to exit (the ``--gpus`` launcher forwards SIGTERM to its workers, which run in their
+    own sessions and would survive a SIGKILL of the launcher's group)."""
+    killed: list[bool] = []
+
+    def _kill(proc: subprocess.Popen[str]) -> None:
+        killed.append(True)
+        try:
+            if term_grace:
+                os.killpg(proc.pid, signal.SIGTERM)
+                end = time.time() + term_grace
+                while proc.poll() is None and time.time() < end:
+                    time.sleep(0.5)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
     lines: list[tuple[float, str]] = []
     with open(log_path, "w", encoding="utf-8") as logf:
         proc = subprocess.Popen(
@@ -388,9 +472,8 @@ def _run_child(
         assert proc.stdout is not None
         timer = None
         if timeout:
-            import signal
-
-            timer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
+            timer = threading.Timer(timeout, _kill, args=(proc,))
+            timer.daemon = True
             timer.start()
         for line in proc.stdout:
             lines.append((time.time(), line))
@@ -403,16 +486,32 @@ def _run_child(
         if line.startswith(RESULT_TAG):
             res = json.loads(line[len(RESULT_TAG) :])
     res["returncode"] = proc.returncode
+    if killed:
+        res["timed_out"] = True
     return res, lines
 
 
-def run_product_cli(a: argparse.Namespace, out: Path, env: dict[str, str]) -> tuple[dict[str, Any], Monitor]:
-    prod_out = out / "product"
+def cli_argv(
+    a: argparse.Namespace,
+    pdf_dir: str,
+    prod_out: Path,
+    log_file: Path,
+    *,
+    gpus: str | None = None,
+    executor: str = "local",
+    engines: int = 1,
+    render_workers: int | None = None,
+) -> list[str]:
+    """The product CLI's command line. ``gpus``: the local launcher (one worker per GPU, each
+    with ``render_workers`` render processes and its own in-flight window); ``executor="ray"``:
+    ``engines`` engine actors sharing one window sized like the workers' windows together."""
+    rw = a.render_workers if render_workers is None else render_workers
+    window = (engines if executor == "ray" else 1) * a.max_num_seqs + 4 * rw
     argv = [
         sys.executable,
         "run_pdf_ocr_vllm.py",
         "--input-dir",
-        a.pdf_dir,
+        pdf_dir,
         "--output-dir",
         str(prod_out),
         "--engine",
@@ -439,40 +538,365 @@ def run_product_cli(a: argparse.Namespace, out: Path, env: dict[str, str]) -> tu
         "log",
         "--force",
         "--render-workers",
-        str(a.render_workers),
+        str(rw),
         "--batch-pages",
-        str(a.max_num_seqs + 4 * a.render_workers),
+        str(window),
         "--log-file",
-        str(out / "product_run.log"),
-        *a.cli_extra,
+        str(log_file),
     ]
-    with Monitor() as mon:
-        res, lines = _run_child(argv, out / "product.log", env)
-    ready = [(t, m) for t, line in lines if (m := READY_RE.search(line))]
+    if gpus:
+        argv += ["--gpus", gpus]
+    if executor == "ray":
+        argv += ["--executor", "ray", "--ray-engine-actors", str(engines), "--ray-render-tasks", str(rw)]
+    return [*argv, *a.cli_extra]
+
+
+def engine_ready_times(log_file: Path) -> list[tuple[float, float]]:
+    """(wall-clock time, start-up seconds) of every ``engine X started in Y s`` line the pipeline
+    wrote to ``log_file`` (one per worker with ``--gpus``, one per engine pool with Ray), sorted.
+    The time stamps are the logging module's local-time ``asctime`` (millisecond resolution)."""
+    out: list[tuple[float, float]] = []
+    try:
+        text = log_file.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return out
+    for line in text.splitlines():
+        m = STARTED_RE.match(line)
+        if m:
+            t = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000
+            out.append((t, float(m.group(3))))
+    return sorted(out)
+
+
+def ready_window(
+    readies: Sequence[tuple[float, float]], starts: int, t1: float | None, pages: int
+) -> dict[str, Any]:
+    """t0 (FIRST engine ready), ``t0_last_ready``, start-up figures and the last-ready rate for a
+    run that logs ``starts`` engine start-ups (later lines are restarts and are ignored)."""
+    first = sorted(readies)[: max(1, starts)]
+    out: dict[str, Any] = {"engines_ready": len(first)}
+    if not first or t1 is None:
+        return out
+    t0, t0_last = first[0][0], first[-1][0]
+    out.update(
+        t0=t0,
+        t0_last_ready=t0_last,
+        t1=t1,
+        startup_s=round(first[0][1], 1),
+        startup_max_s=round(max(x[1] for x in first), 1),
+        ready_skew_s=round(t0_last - t0, 2),
+    )
+    if t1 > t0_last:
+        out["pages_per_s_last_ready"] = round(pages / (t1 - t0_last), 3)
+    return out
+
+
+def _copy_worker_logs(lines: Sequence[tuple[float, str]], dest: Path) -> list[str]:
+    """The launcher names each worker's log on stderr; keep a copy next to the run's logs."""
+    copied: list[str] = []
+    for _, line in lines:
+        m = WORKER_LOG_RE.search(line)
+        if m and Path(m.group(3)).is_file():
+            dest.mkdir(parents=True, exist_ok=True)
+            target = dest / f"{m.group(1)}.log"
+            shutil.copy(m.group(3), target)
+            copied.append(str(target))
+    return sorted(set(copied))
+
+
+_SUMMARY_KEYS = (
+    "wall_seconds",
+    "engine_startup_s",
+    "pages_per_s",
+    "pages",
+    "pages_total",
+    "loop_rate",
+    "engine_restarts",
+)
+_SUMMARY_EXTRA = ("executor", "parent_wall_seconds", "pages_per_s_incl_startup", "per_shard", "ray")
+
+
+def run_product_cli(
+    a: argparse.Namespace,
+    out: Path,
+    env: dict[str, str],
+    *,
+    pdf_dir: str | None = None,
+    pages: int | None = None,
+    gpus: str | None = None,
+    executor: str = "local",
+    engines: int = 1,
+    render_workers: int | None = None,
+    devices: Sequence[int] | None = None,
+    timeout: float | None = None,
+) -> tuple[dict[str, Any], Monitor]:
+    """One product CLI run. One engine (no ``gpus``, local executor): t0 = arrival of the
+    ``vLLM engine ready`` line on the CLI's output, as always. Several engines: see
+    ``ready_window`` (t0 = first engine ready, read from the shared ``--log-file``)."""
+    prod_out = out / "product"
+    log_file = out / "product_run.log"
+    multi = bool(gpus) or executor != "local"
+    out.mkdir(parents=True, exist_ok=True)
+    if multi:
+        log_file.unlink(missing_ok=True)  # the workers append to it; older start-up lines would count
+    argv = cli_argv(
+        a,
+        pdf_dir or a.pdf_dir,
+        prod_out,
+        log_file,
+        gpus=gpus,
+        executor=executor,
+        engines=engines,
+        render_workers=render_workers,
+    )
+    with Monitor(devices=devices) as mon:
+        res, lines = _run_child(
+            argv, out / "product.log", env, timeout=timeout, term_grace=30.0 if timeout else None
+        )
     mds = list(prod_out.rglob("*.md"))
-    res["pages"] = a.pages
-    if ready and mds:
-        res["t0"] = ready[0][0]
-        res["startup_s"] = float(ready[0][1].group(1))
-        res["t1"] = max(p.stat().st_mtime for p in mds)
+    res["pages"] = a.pages if pages is None else pages
+    if not multi:
+        ready = [(t, m) for t, line in lines if (m := READY_RE.search(line))]
+        if ready and mds:
+            res["t0"] = ready[0][0]
+            res["startup_s"] = float(ready[0][1].group(1))
+            res["t1"] = max(p.stat().st_mtime for p in mds)
+    else:
+        t1 = max(p.stat().st_mtime for p in mds) if mds else None
+        starts = 1 if executor == "ray" else engines
+        res.update(ready_window(engine_ready_times(log_file), starts, t1, res["pages"]))
+        res["expected_engine_starts"] = starts
+        res["worker_logs"] = _copy_worker_logs(lines, out / "worker_logs")
     res["md_files"] = len(mds)
     res["argv"] = " ".join(argv[1:])
     summary = prod_out / "_run_summary.json"
     if summary.is_file():
         sm = json.loads(summary.read_text())
-        res["pipeline_summary"] = {
-            k: sm.get(k)
-            for k in (
-                "wall_seconds",
-                "engine_startup_s",
-                "pages_per_s",
-                "pages",
-                "pages_total",
-                "loop_rate",
-                "engine_restarts",
-            )
-        }
+        res["pipeline_summary"] = {k: sm.get(k) for k in _SUMMARY_KEYS}
+        res["pipeline_summary"].update({k: sm[k] for k in _SUMMARY_EXTRA if k in sm})
     return res, mon
+
+
+# -- several GPUs (issues 9 and 10) --------------------------------------------------------------
+def _gpu_list(spec: str | None) -> list[str]:
+    return [g.strip() for g in (spec or "0,1").split(",") if g.strip()]
+
+
+def scale_run_kwargs(
+    a: argparse.Namespace, run: str, ids: Sequence[str], env: dict[str, str]
+) -> dict[str, Any]:
+    """``run_product_cli`` arguments for one scale run: ``1`` (the first GPU alone, the plain
+    CLI), ``gpus`` (the local launcher over ``ids``), ``ray`` (one Ray engine actor per id).
+    Render processes: ``--render-workers`` in all for the machine, split between the workers."""
+    n = len(ids)
+    devices = [int(g) for g in ids] if all(g.isdigit() for g in ids) else None
+    if run == "1":
+        return {
+            "env": {**env, "CUDA_VISIBLE_DEVICES": ids[0]},
+            "engines": 1,
+            "render_workers": a.render_workers,
+            "devices": devices[:1] if devices else None,
+        }
+    if run == "gpus":
+        return {
+            "env": env,
+            "gpus": ",".join(ids),
+            "engines": n,
+            "render_workers": max(2, a.render_workers // n),
+            "devices": devices,
+        }
+    if run == "ray":
+        return {
+            "env": {**env, "CUDA_VISIBLE_DEVICES": ",".join(ids), "RAY_USAGE_STATS_ENABLED": "0"},
+            "executor": "ray",
+            "engines": n,
+            "render_workers": a.render_workers,
+            "devices": devices,
+        }
+    raise ValueError(f"unknown scale run {run!r} (one of {', '.join(SCALE_RUNS)})")
+
+
+def scale_pdfs(work: Path, pages: int, workers: int = 1, per_pdf: int = 32) -> Path:
+    """``work/pdfs_<pages>``, generated once (make_pdfs is deterministic: the one-GPU set is the
+    first documents of the N-GPU set)."""
+    d = work / f"pdfs_{pages}"
+    marker = d / ".complete"
+    if not marker.is_file():
+        if d.exists():
+            shutil.rmtree(d)
+        make_pdfs(d, pages, per_pdf, workers)
+        marker.write_text(f"{pages} pages, {per_pdf} per PDF\n")
+    return d
+
+
+def scale_line(
+    run: str,
+    res: dict[str, Any],
+    previous: dict[str, dict[str, Any]],
+    *,
+    n_gpus: int,
+    pages: int,
+    docs: int,
+) -> dict[str, Any]:
+    """The measured fields of one scale run's JSON line (``gpus``, ``executor``, rates, start-up,
+    ``scaling`` vs the one-GPU run and ``ray_vs_gpus`` vs the launcher run found in ``previous``).
+    A run that failed, timed out, or wrote fewer Markdown files than documents gets no rate."""
+    multi = run != "1"
+    complete = (
+        res.get("returncode") == 0
+        and not res.get("timed_out")
+        and res.get("md_files") == docs
+        and (not multi or res.get("engines_ready", 0) >= res.get("expected_engine_starts", 1))
+    )
+    t0, t1 = res.get("t0"), res.get("t1")
+    pps = round(pages / (t1 - t0), 3) if complete and t0 is not None and t1 is not None and t1 > t0 else None
+    summary = res.get("pipeline_summary") or {}
+    line: dict[str, Any] = {
+        "gpus": n_gpus if multi else 1,
+        "executor": "ray" if run == "ray" else "local",
+        "launcher": {"1": "none (plain CLI)", "gpus": "--gpus", "ray": "--executor ray"}[run],
+        "pages": pages,
+        "complete": complete,
+        "pages_per_s": pps,
+        "pages_per_s_last_ready": (res.get("pages_per_s_last_ready") if complete else None) if multi else pps,
+        "summary_pages_per_s": summary.get("pages_per_s"),
+        "engine_startup_s": res.get("startup_s"),
+        "engine_startup_max_s": res.get("startup_max_s", res.get("startup_s")),
+        "ready_skew_s": res.get("ready_skew_s", 0.0),
+        "t0_definition": (
+            "first engine ready (launcher workers' 'engine started' log lines)"
+            if run == "gpus"
+            else "all Ray engine actors ready (pipeline 'engine started' log line)"
+            if run == "ray"
+            else "vLLM engine ready line on the CLI output"
+        ),
+        "t1_definition": "last Markdown file written",
+    }
+    one = previous.get("1") or {}
+    if run == "1":
+        line["baseline_pages_per_s"] = pps
+        line["scaling"] = 1.0 if pps else None
+    elif one.get("pages_per_s") and pps:
+        line["baseline_pages_per_s"] = one["pages_per_s"]
+        line["scaling"] = round(pps / one["pages_per_s"], 3)
+        line["scaling_target"] = round(SCALE_TARGETS["scaling"] * n_gpus / 2, 2)
+        line["scaling_met"] = line["scaling"] >= line["scaling_target"]
+        if summary.get("pages_per_s") and (one.get("summary_pages_per_s")):
+            line["scaling_summary"] = round(summary["pages_per_s"] / one["summary_pages_per_s"], 3)
+    g = previous.get("gpus") or {}
+    if run == "ray" and g.get("pages_per_s") and pps:
+        ref = g.get("pages_per_s_last_ready") or g["pages_per_s"]
+        line["gpus_pages_per_s"] = g["pages_per_s"]
+        line["gpus_pages_per_s_last_ready"] = g.get("pages_per_s_last_ready")
+        line["ray_vs_gpus"] = round(pps / ref, 3)
+        line["ray_vs_gpus_first_ready"] = round(pps / g["pages_per_s"], 3)
+        line["ray_vs_gpus_target"] = SCALE_TARGETS["ray_vs_gpus"]
+        line["ray_vs_gpus_met"] = line["ray_vs_gpus"] >= SCALE_TARGETS["ray_vs_gpus"]
+        if summary.get("pages_per_s") and g.get("summary_pages_per_s"):
+            line["ray_vs_gpus_summary"] = round(summary["pages_per_s"] / g["summary_pages_per_s"], 3)
+    for k in ("md_files", "returncode", "timed_out", "argv", "pipeline_summary", "worker_logs"):
+        if k in res:
+            line[f"product_{k}"] = res[k]
+    return line
+
+
+def run_scale(a: argparse.Namespace, env: dict[str, str]) -> int:
+    """``--scale``: the named runs in order on the same generated PDFs, one JSON line each."""
+    runs = [r.strip() for r in a.scale.split(",") if r.strip()]
+    bad = [r for r in runs if r not in SCALE_RUNS]
+    if bad or not runs:
+        print(
+            f"error: --scale takes a comma list of {', '.join(SCALE_RUNS)}; got {a.scale!r}", file=sys.stderr
+        )
+        return 2
+    ids = _gpu_list(a.gpus)
+    n = len(ids)
+    ppg = a.pages_per_gpu or a.pages
+    work = Path(a.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    key = {
+        "model_dir": a.model_dir,
+        "gpus": ids,
+        "pages_per_gpu": ppg,
+        "max_tokens": a.max_tokens,
+        "max_num_seqs": a.max_num_seqs,
+        "kv_cache_dtype": a.kv_cache_dtype,
+        "dpi": a.dpi,
+        "gpu_memory_utilization": a.gpu_memory_utilization,
+        "render_workers": a.render_workers,
+        "cli_extra": a.cli_extra,
+    }
+    state_path = work / "scale_results.json"
+    state: dict[str, Any] = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    if state.get("key") != key:  # another workload: earlier results are not comparable
+        state = {"key": key, "runs": {}}
+    common = _common_fields(a)
+    t_start = time.time()
+    for run in runs:
+        left = a.deadline_s - (time.time() - t_start) if a.deadline_s else None
+        if left is not None and left < a.min_run_s:
+            print(f"SKIP scale run {run}: {left:.0f} s left of --deadline-s {a.deadline_s:g}", flush=True)
+            continue
+        limits = [x for x in (a.product_timeout, left) if x]
+        pages = ppg if run == "1" else ppg * n
+        pdf_dir = scale_pdfs(work, pages, a.pdf_workers)
+        kw = scale_run_kwargs(a, run, ids, env)
+        run_env = kw.pop("env")
+        print(f"=== scale run {run}: {pages} pages, {len(ids) if run != '1' else 1} GPU(s)", flush=True)
+        res, mon = run_product_cli(
+            a,
+            work / f"scale_{run}",
+            run_env,
+            pdf_dir=str(pdf_dir),
+            pages=pages,
+            timeout=min(limits) if limits else None,
+            **kw,
+        )
+        docs = len(list(pdf_dir.glob("*.pdf")))
+        line = {
+            **common,
+            "pages_per_gpu": ppg,
+            "gpu_ids": ids if run != "1" else ids[:1],
+            **scale_line(run, res, state["runs"], n_gpus=n, pages=pages, docs=docs),
+        }
+        line["render_workers"] = kw.get("render_workers")
+        if "t1" in res and "t0" in res:
+            line["product_monitor"] = mon.summary(res["t0"], res["t1"])
+        line["host"] = f"{platform.machine()} {os.cpu_count()} cores"
+        text = json.dumps(line)
+        print(text, flush=True)
+        _append_jsonl(a.jsonl, text)
+        state["runs"][run] = line
+        state_path.write_text(json.dumps(state, indent=1))
+    brief = {
+        r: {k: v.get(k) for k in ("pages", "pages_per_s", "engine_startup_s", "scaling", "ray_vs_gpus")}
+        for r, v in state["runs"].items()
+    }
+    print("SCALE " + json.dumps(brief), flush=True)
+    return 0
+
+
+def _common_fields(a: argparse.Namespace) -> dict[str, Any]:
+    cfg = json.loads((Path(a.model_dir) / "config.json").read_text())
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "device": _device_name(),
+        "vllm": _version("vllm"),
+        "torch": _version("torch"),
+        "ray": _version("ray"),
+        "model": cfg.get("_name_or_path") or Path(a.model_dir).name,
+        "workload": f"A4 {a.dpi:g}dpi gundam, {a.max_tokens} forced out tokens, guard 30/90, "
+        f"kv {a.kv_cache_dtype}, dummy weights, max_num_seqs {a.max_num_seqs}",
+        "product_mode": "cli",
+        "tag": a.tag,
+    }
+
+
+def _append_jsonl(path: str, text: str) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -501,6 +925,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jsonl", default=str(ROOT / "tmp_pdf_runs" / "benchmarks.jsonl"))
     ap.add_argument("--tag", default="")
     ap.add_argument("--gpu-mem-cap-gib", type=float, default=None, help="recorded with the result")
+    ap.add_argument(
+        "--gpus",
+        default=None,
+        help="cli mode: GPU ids for the product's local launcher (--gpus), or with --executor ray the "
+        "GPUs given to Ray (one engine actor each); --scale: the GPUs of the N-GPU runs (default 0,1)",
+    )
+    ap.add_argument(
+        "--executor", choices=("local", "ray"), default="local", help="cli mode: the product's executor"
+    )
+    ap.add_argument(
+        "--scale",
+        default=None,
+        help="comma list of runs on the same PDFs, in order: 1 (first GPU, plain CLI), gpus (local "
+        "launcher over --gpus), ray (--executor ray over --gpus); one JSON line each",
+    )
+    ap.add_argument(
+        "--pages-per-gpu", type=int, default=None, help="--scale: pages per GPU (default --pages)"
+    )
+    ap.add_argument(
+        "--product-timeout", type=float, default=None, help="cli mode: stop a product run after N s"
+    )
+    ap.add_argument(
+        "--deadline-s", type=float, default=None, help="--scale: skip runs that would start later"
+    )
+    ap.add_argument("--min-run-s", type=float, default=150.0, help="--scale: least time a run needs")
+    ap.add_argument("--pdf-workers", type=int, default=os.cpu_count() or 1, help="processes making the PDFs")
     ap.add_argument("--cli-extra", nargs=argparse.REMAINDER, default=[], help="more CLI flags (last)")
     ap.add_argument("--child", choices=("baseline", "engine"), help=argparse.SUPPRESS)
     ap.add_argument("--pdf-dir", help=argparse.SUPPRESS)
@@ -513,17 +963,23 @@ def main(argv: list[str] | None = None) -> int:
         child_engine(a)
         return 0
 
+    env = dict(
+        os.environ, TOKENIZERS_PARALLELISM="false", VLLM_USE_FLASHINFER_SAMPLER="0", PYTHONUNBUFFERED="1"
+    )
+    if a.scale:
+        return run_scale(a, env)
+    multi_run = "ray" if a.executor == "ray" else "gpus" if a.gpus else None
+    if multi_run and a.product != "cli":
+        print("error: --gpus / --executor ray need --product cli", file=sys.stderr)
+        return 2
     work = Path(a.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     pdf_dir = work / "pdfs"
     if pdf_dir.exists():
         for p in pdf_dir.glob("*.pdf"):
             p.unlink()
-    make_pdfs(pdf_dir, a.pages)
+    make_pdfs(pdf_dir, a.pages, workers=a.pdf_workers)
     a.pdf_dir = str(pdf_dir)
-    env = dict(
-        os.environ, TOKENIZERS_PARALLELISM="false", VLLM_USE_FLASHINFER_SAMPLER="0", PYTHONUNBUFFERED="1"
-    )
     common = [
         *([] if a.warmup else ["--no-warmup"]),
         "--model-dir",
@@ -547,8 +1003,11 @@ def main(argv: list[str] | None = None) -> int:
     ]
     prod: dict[str, Any] = {}
     mon_p: Monitor | None = None
-    if a.product == "cli":
-        prod, mon_p = run_product_cli(a, work, env)
+    if a.product == "cli" and multi_run:
+        kw = scale_run_kwargs(a, multi_run, _gpu_list(a.gpus), env)
+        prod, mon_p = run_product_cli(a, work, kw.pop("env"), timeout=a.product_timeout, **kw)
+    elif a.product == "cli":
+        prod, mon_p = run_product_cli(a, work, env, timeout=a.product_timeout)
     elif a.product == "engine":
         with Monitor() as mon_p:
             prod, _ = _run_child(
@@ -633,6 +1092,12 @@ def main(argv: list[str] | None = None) -> int:
         result["baseline_render_s"] = base.get("render_s")
     if a.gpu_mem_cap_gib is not None:
         result["gpu_mem_cap_gib"] = a.gpu_mem_cap_gib
+    if multi_run:
+        result["gpus"] = len(_gpu_list(a.gpus))
+        result["executor"] = a.executor
+        for k in ("pages_per_s_last_ready", "startup_max_s", "ready_skew_s", "worker_logs", "timed_out"):
+            if k in prod:
+                result[f"product_{k}"] = prod[k]
     result["host"] = f"{platform.machine()} {os.cpu_count()} cores"
     line = json.dumps(result)
     print(line, flush=True)
