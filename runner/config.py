@@ -43,8 +43,8 @@ class EngineConfig:
     warmup_pages: int = -1  # vLLM warm-up batch before timing starts; -1 = min(max_num_seqs, 512)
 
     def __post_init__(self) -> None:
-        if not 0.05 <= self.gpu_memory_utilization <= 1.0:
-            raise ConfigError("--gpu-memory-utilization must be in [0.05, 1.0]")
+        if not 0.01 <= self.gpu_memory_utilization <= 1.0:
+            raise ConfigError("--gpu-memory-utilization must be in [0.01, 1.0]")
         for name in (
             "max_num_seqs",
             "max_model_len",

@@ -14,20 +14,21 @@ smoke() {  # model mode [extra CLI flags]
     --log-file $o.log "$@" > $o.out 2>&1; echo "rc=$?"; tail -12 $o.out
   python3 tmp_pdf_runs/smoke_check.py .gpu_carry/smoke_in $o | tee -a "$OUT/smoke.jsonl"
 }
-restart_test() {
-  log restart_test
-  python3 -c "import sys; sys.path.insert(0,'.'); from tools.bench import make_pdfs; from pathlib import Path; make_pdfs(Path('/tmp/rt_in'), 96, 24)"
-  python3 run_pdf_ocr_vllm.py --input-dir /tmp/rt_in --output-dir /tmp/rt_out --engine vllm --model $M/deepseek-ocr \
-    --load-format dummy --ignore-eos --max-tokens 400 --max-num-seqs 64 --retries 0 --no-large-pass --progress log \
+restart_test() {  # kill the engine core mid-run; the CLI must restart it and account for every page (issue 6)
+  log "restart_test (GPU ${RT_GPU:-0})"
+  python3 -c "import sys; sys.path.insert(0,'.'); from tools.bench import make_pdfs; from pathlib import Path; make_pdfs(Path('/tmp/rt_in'), ${RT_PAGES:-48}, 24)"
+  CUDA_VISIBLE_DEVICES=${RT_GPU:-0} timeout -k 10 ${RT_TO:-330} python3 run_pdf_ocr_vllm.py --input-dir /tmp/rt_in --output-dir /tmp/rt_out --engine vllm --model $M/deepseek-ocr \
+    --load-format dummy --ignore-eos --max-tokens ${RT_TOKENS:-300} --max-num-seqs 64 --retries 0 --no-large-pass --progress log \
     --log-file /tmp/rt.log > /tmp/rt.out 2>&1 &
   local cli=$!
   for i in $(seq 1 240); do grep -q "engine ready" /tmp/rt.log 2>/dev/null && break; sleep 1; done
-  sleep 6
+  sleep ${RT_KILL_AFTER:-4}
   local ec=$(ps -o pid=,args= --ppid $cli | awk '/EngineCore/{print $1}' | head -1)
   echo "CLI pid $cli, killing engine core pid $ec at $(date -u +%T)"; ps -o pid,args --ppid $cli | cut -c1-80
   [ -n "$ec" ] && kill -9 $ec
-  wait $cli; echo "cli rc=$?"; grep -i "restart\|died\|resubmit" /tmp/rt.log | cut -c1-200 | head
+  wait $cli; echo "cli rc=$? at $(date -u +%T)"; grep -i "restart\|died\|resubmit\|engine ready\|started in" /tmp/rt.log | cut -c1-200 | head
   python3 tmp_pdf_runs/smoke_check.py /tmp/rt_in /tmp/rt_out | tee "$OUT/restart.json"
+  cp /tmp/rt.log /tmp/rt.out "$OUT/" 2>/dev/null
 }
 x2() {  # RUNS TAG: tools/bench.py --scale RUNS (1, gpus, ray) on GPU_IDS, PPG pages per GPU (issues 9, 10)
   local runs=$1 tag=$2 rc
@@ -49,7 +50,7 @@ for step in "$@"; do
   case "$step" in
     info) log info; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; free -g | head -2
           python3 -c "import vllm, torch, transformers, PIL, pymupdf; print('vllm', vllm.__version__, 'torch', torch.__version__, 'tf', transformers.__version__, 'PIL', PIL.__version__, 'pymupdf', pymupdf.__version__)" ;;
-    tests) log tests; PYTHONPATH=/tmp/site:$PWD python3 -m pytest -q -p no:cacheprovider tests/test_guard.py tests/test_vllm_engine.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -30 ;;
+    tests) log tests; PYTHONPATH=/tmp/site:$PWD timeout 200 python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_guard.py tests/test_vllm_engine.py} 2>&1 | tee "$OUT/pytest_gpu.log" | tail -30 ;;
     bench1e) log bench1e; python3 tools/bench.py --model-dir $M/deepseek-ocr --pages ${PAGES:-512} --max-num-seqs ${SEQS:-512} --baseline-timeout ${BTO:-240} --product engine ${AB:---guard-ab} --work-dir /tmp/b1e --jsonl "$OUT/benchmarks.jsonl" --tag engine-ocr1 2>&1 | tail -3; tail -25 /tmp/b1e/engine.log; tail -5 /tmp/b1e/baseline.log ;;
     bench2e) log bench2e; python3 tools/bench.py --model-dir $M/deepseek-ocr-2 --pages ${PAGES:-512} --max-num-seqs ${SEQS:-512} --baseline-timeout ${BTO:-240} --product engine --guard-ab --work-dir /tmp/b2e --jsonl "$OUT/benchmarks.jsonl" --tag engine-ocr2 2>&1 | tail -3; tail -25 /tmp/b2e/engine.log; tail -5 /tmp/b2e/baseline.log ;;
     bench1c) log bench1c; python3 tools/bench.py --model-dir $M/deepseek-ocr --pages ${PAGES:-512} --max-num-seqs ${SEQS:-512} --baseline-timeout ${BTO:-240} --product cli --work-dir /tmp/b1c --jsonl "$OUT/benchmarks.jsonl" --tag cli-ocr1 2>&1 | tail -3; tail -25 /tmp/b1c/product.log ;;
@@ -66,8 +67,12 @@ for step in "$@"; do
             --log-file "$OUT/diag_run.log" > "$OUT/diag.out" 2>&1; echo "diag rc=$?"; tail -40 "$OUT/diag.out" | cut -c1-300
           python3 tmp_pdf_runs/smoke_check.py /tmp/dg_in /tmp/dg_out ;;
     abx) log abx; timeout -k 10 ${ABTO:-560} python3 tools/bench.py --model-dir $M/deepseek-ocr --pages ${PAGES:-1024} --max-num-seqs ${SEQS:-1024} --baseline off --product engine --guard-ab --round-caps ${CAPS:-512} --work-dir /tmp/bab --jsonl "$OUT/benchmarks.jsonl" --tag guard-ab-batch 2>&1 | tail -2; grep "ROUND\|STALL\|Error" /tmp/bab/engine.log | head; cp /tmp/bab/engine.log "$OUT/abx_engine.log" ;;
+    x2fault) # restart test on GPU 0 while the capped low-VRAM runs go one after the other on GPU 1
+          RT_GPU=0 restart_test > /tmp/x2fault_rt.txt 2>&1 &
+          CUDA_VISIBLE_DEVICES=1 bash "$0" lowvram; wait; cat /tmp/x2fault_rt.txt ;;
     lowvram) for cap in ${CAPS_GIB:-6 8}; do log "lowvram cap $cap GiB"
           util=$(python3 -c "import subprocess; t=float(subprocess.check_output(['nvidia-smi','--query-gpu=memory.total','--format=csv,noheader,nounits']).split()[0])/1024; print(round($cap/t, 4))")
+          echo "cap $cap GiB -> --gpu-memory-utilization $util (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-all})"
           timeout -k 10 ${LVTO:-280} python3 tools/bench.py --model-dir $M/${LVMODEL:-deepseek-ocr} --pages ${LVPAGES:-48} --max-num-seqs 512 --baseline off --product cli \
             --gpu-memory-utilization $util --gpu-mem-cap-gib $cap --work-dir /tmp/lv$cap --jsonl "$OUT/benchmarks.jsonl" --tag lowvram-${cap}gib \
             --cli-extra --profile auto 2>&1 | tail -2

@@ -339,14 +339,22 @@ def child_engine(a: argparse.Namespace) -> None:
     results: list[dict[str, Any]] = []
     guard_args = dict(eng._guard_args)
     # Round 0 is the measured product run (cold, as a CLI run would be). With --guard-ab the same
-    # engine then runs the pages again with the guard off and on (both warm): the guard's cost.
-    plan = [True, False, True] if a.guard_ab else [True]
+    # engine then runs the pages again, warm: guard off, guard on (device, the product's), and
+    # guard on with the host (numpy) implementation: the guard's cost and the two backends.
+    host_args = {**guard_args, "guard_backend": "host"}
+    plan = [("device", guard_args)]
+    if a.guard_ab:
+        plan += [("off", {}), ("device", guard_args), ("host", host_args)]
+    caps = [int(x) for x in a.round_caps.split(",")] if a.round_caps else []
     with RenderPool(workers=a.render_workers) as pool:
-        for rnd, guard in enumerate(plan):
-            eng._guard_args = guard_args if guard else {}
-            results.append(_engine_round(a, eng, pool, pdfs, rnd, OpenTask, RenderTask, PageRequest))
+        for rnd, (label, args) in enumerate(plan + [("device", guard_args)] * len(caps)):
+            cap = caps[rnd - len(plan)] if rnd >= len(plan) else 1 << 30
+            eng._guard_args = args
+            results.append(_engine_round(a, eng, pool, pdfs, rnd, OpenTask, RenderTask, PageRequest, cap=cap))
+            results[-1]["guard"] = label
+            results[-1]["cap"] = min(cap, a.max_num_seqs)
             print(
-                f"ROUND {rnd} guard={guard} pages/s="
+                f"ROUND {rnd} guard={label} in-flight cap={results[-1]['cap']} pages/s="
                 f"{results[-1]['pages'] / (results[-1]['t1'] - results[-1]['t0']):.3f}",
                 flush=True,
             )
@@ -357,8 +365,13 @@ def child_engine(a: argparse.Namespace) -> None:
     r["engine_stats"] = stats
     if len(results) > 1:
         r["round_pages_per_s"] = [round(x["pages"] / (x["t1"] - x["t0"]), 3) for x in results]
+        r["round_guard"] = [x["guard"] for x in results]
+        r["round_cap"] = [x["cap"] for x in results]
         r["noguard_pages_per_s"] = r["round_pages_per_s"][1]
         r["warm_guard_pages_per_s"] = r["round_pages_per_s"][2]
+        r["warm_host_guard_pages_per_s"] = r["round_pages_per_s"][3]
+        r["guard_cost_device"] = round(1 - r["warm_guard_pages_per_s"] / r["noguard_pages_per_s"], 3)
+        r["guard_cost_host"] = round(1 - r["warm_host_guard_pages_per_s"] / r["noguard_pages_per_s"], 3)
     _emit(r)
 
 
@@ -371,6 +384,7 @@ def _engine_round(
     OpenTask: Any,
     RenderTask: Any,
     PageRequest: Any,
+    cap: int = 1 << 30,
 ) -> dict[str, Any]:
     t0 = time.time()
     for i, p in enumerate(pdfs):
@@ -386,6 +400,7 @@ def _engine_round(
             tid += 1
             pool.submit(RenderTask(tid, p, p, i, a.dpi, hook=hook))
     total = sum(counts.values())
+    waiting: list[Any] = []  # rendered pages not yet submitted (only when a round caps in-flight)
     texts: dict[str, dict[int, str]] = {p: {} for p in pdfs}
     done = 0
     depth: list[int] = []
@@ -403,7 +418,9 @@ def _engine_round(
             faulthandler.dump_traceback(all_threads=True)
             break
         for res in pool.collect(0.0 if eng.pending() else 0.05):
-            img = res.payload
+            waiting.append(res.payload)
+        while waiting and eng.pending() < cap:
+            img = waiting.pop(0)
             rid = f"r{rnd}-{img.doc_key}-{img.page_index}"
             # a per-round doc key keeps vLLM's prefix cache from serving round 2 from round 1
             eng.submit([PageRequest(rid, dataclasses.replace(img, doc_key=f"{img.doc_key}#{rnd}"), "clean")])
@@ -912,6 +929,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--product", choices=("cli", "engine", "none"), default="cli")
     ap.add_argument("--baseline", choices=("on", "off"), default="on")
     ap.add_argument("--guard-ab", action="store_true", help="engine mode: rerun the pages with the guard off")
+    ap.add_argument(
+        "--round-caps",
+        default="",
+        help="engine mode: extra warm rounds (guard on) with in-flight capped at each value, e.g. 512",
+    )
     ap.add_argument("--mp-method", default="fork", help="engine mode: how vLLM starts its engine core")
     ap.add_argument("--stall-s", type=float, default=90.0, help="engine mode: give up a round after N s idle")
     ap.add_argument(
@@ -1020,6 +1042,7 @@ def main(argv: list[str] | None = None) -> int:
                     "--out-dir",
                     str(work / "engine"),
                     *(["--guard-ab"] if a.guard_ab else []),
+                    *(["--round-caps", a.round_caps] if a.round_caps else []),
                 ],
                 work / "engine.log",
                 {**env, "VLLM_WORKER_MULTIPROC_METHOD": a.mp_method},
