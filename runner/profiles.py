@@ -13,7 +13,8 @@ Why these settings (issue 11; vLLM 0.26, DeepSeek-OCR / OCR-2, ~2.9B parameters,
 - ``base`` resolution sends ~273 vision tokens instead of Gundam's ~903 for an A4 page and keeps
   the vision encoder's peak activations (profiled by vLLM at start-up) small.
 - CPU offload is the last resort under 6 GiB: it works but every step copies weights over PCIe.
-NOT YET MEASURED on a capped GPU (the session's device time ran out): see tmp_pdf_runs/GPU_NOTES.md.
+Measured with an 8 GiB vLLM budget (tmp_pdf_runs/GPU_NOTES.md); the 6 GiB run is still to be
+repeated after the offload threshold fix.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ from runner.config import EngineConfig
 
 _DEFAULTS = EngineConfig()
 LOW_VRAM_GIB = 12.0  # at or below this, ``auto`` picks the low-VRAM profile
+# Measured (H200, vLLM 0.26, OCR-1, this profile; tmp_pdf_runs/GPU_NOTES.md): fp8 weights 3.56 GiB,
+# activation peak 0.5 GiB, CUDA graphs 0.07 GiB, non-torch ~0.25 GiB -> ~4.4 GiB before any KV
+# cache. Below 5 GiB only CPU offload helps. (It used to start at 6 GiB: a 6 GiB budget then
+# offloaded for nothing, and vLLM 0.26's offload fails with --load-format dummy.)
+OFFLOAD_BELOW_GIB = 5.0
 MID_VRAM_GIB = 30.0  # at or below this, ``auto`` trims the batch
 
 
@@ -84,13 +90,14 @@ def apply_profile(cfg: EngineConfig, gpu_mem_gib: float | None) -> tuple[EngineC
     _set(
         cfg, changes, reasons, "resolution", "base", "273 vision tokens instead of ~903, smaller encoder peak"
     )
-    if gpu_mem_gib is not None and gpu_mem_gib < 6.0:
+    if gpu_mem_gib is not None and gpu_mem_gib < OFFLOAD_BELOW_GIB:
         _set(
             cfg,
             changes,
             reasons,
             "cpu_offload_gb",
-            round(6.0 - gpu_mem_gib + 1.0, 1),
-            "under 6 GiB even fp8 weights do not fit: offload part of them to CPU memory (slow)",
+            round(OFFLOAD_BELOW_GIB - gpu_mem_gib + 0.5, 1),
+            f"under {OFFLOAD_BELOW_GIB:g} GiB even fp8 weights do not fit: offload part of them to CPU "
+            "memory (slow)",
         )
     return dataclasses.replace(cfg, **changes), reasons  # type: ignore[arg-type]

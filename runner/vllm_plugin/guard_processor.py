@@ -13,6 +13,8 @@ Pass it to vLLM by name: ``logits_processors=[GUARD_FQCN]``.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from vllm import SamplingParams
@@ -50,7 +52,8 @@ class NGramGuardLogitsProcessor(LogitsProcessor):
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         if batch_update is None:
             return
-        host_added, dev_added = [], []
+        host_added: list[tuple[int, Mapping[str, Any] | None, list[int]]] = []
+        dev_added: list[tuple[int, Mapping[str, Any] | None, list[int]]] = []
         for i, params, _prompt, out in batch_update.added:
             extra = params.extra_args if params is not None else None
             backend = (extra or {}).get(BACKEND_KEY, self.default_backend)
