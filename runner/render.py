@@ -18,12 +18,14 @@ import importlib
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from runner import shm
 from runner.blank import detect_blank
 from runner.records import PageImage
 
@@ -224,7 +226,9 @@ def prepare_worker(mem_limit_mb: int) -> None:
     pymupdf.TOOLS.mupdf_display_warnings(False)
 
 
-def _worker_main(conn: Connection, mem_limit_mb: int) -> None:
+def _worker_main(conn: Connection, mem_limit_mb: int, use_shm: bool = False) -> None:
+    from runner import shm
+
     prepare_worker(mem_limit_mb)
     cache: dict[str, Any] = {}
     hooks: dict[str, Any] = {}
@@ -236,7 +240,9 @@ def _worker_main(conn: Connection, mem_limit_mb: int) -> None:
             return
         if task is None:
             return
-        conn.send(run_task(task, cache, hooks, mem_limit_mb))
+        result = run_task(task, cache, hooks, mem_limit_mb)
+        # Results go back as bytes; with shared memory their large buffers travel by name only.
+        conn.send_bytes(shm.dumps(result) if use_shm else pickle.dumps(result, pickle.HIGHEST_PROTOCOL))
 
 
 def run_task(
@@ -310,13 +316,16 @@ class RenderPool:
 
     def __post_init__(self) -> None:
         self._ctx = mp.get_context("spawn")
+        self._shm = shm.available()
+        if self._shm:
+            shm.cleanup_stale()
         for _ in range(self.workers):
             self._pool.append(self._spawn())
 
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe()
         proc = self._ctx.Process(
-            target=_worker_main, args=(child, self.mem_limit_mb), daemon=True, name="pdf-render"
+            target=_worker_main, args=(child, self.mem_limit_mb, self._shm), daemon=True, name="pdf-render"
         )
         proc.start()
         child.close()
@@ -326,6 +335,8 @@ class RenderPool:
         with contextlib.suppress(Exception):
             w.proc.kill()
         w.proc.join(timeout=5)
+        if self._shm and w.proc.pid is not None:
+            shm.cleanup(os.getpid(), w.proc.pid)  # what it wrote for a result nobody received
         with contextlib.suppress(Exception):
             w.conn.close()
         self.restarts += 1
@@ -398,8 +409,8 @@ class RenderPool:
             task = w.task
             if w.conn.poll():
                 try:
-                    res = w.conn.recv()
-                except (EOFError, OSError):
+                    res = shm.loads(w.conn.recv_bytes())
+                except (EOFError, OSError, pickle.UnpicklingError, ValueError):
                     code = w.proc.exitcode
                     self._done.append(
                         TaskResult(
@@ -451,6 +462,8 @@ class RenderPool:
             with contextlib.suppress(Exception):
                 w.conn.close()
         self._pool.clear()
+        if self._shm:
+            shm.cleanup(os.getpid())
 
     def __enter__(self) -> RenderPool:
         return self
