@@ -210,6 +210,11 @@ class Pipeline:
         opening: dict[int, _DocState] = {}
         in_engine: dict[str, tuple[_PageWork, PageRequest]] = {}
         hook = getattr(engine, "worker_hook", None)
+        hook_for = getattr(engine, "hook_for", None)
+        if phase == "large" and self._request_resolution and hook_for is not None:
+            # Same engine, Large resolution per request: the render workers prepare the Large
+            # view too, instead of the engine redoing it from pixels in its feeding thread.
+            hook = hook_for(self._request_resolution)
         want_table = bool(cfg.required_labels) and getattr(engine, "large_resolution", None) is not None
         last_tick = 0.0
         last_output = time.monotonic()

@@ -31,6 +31,8 @@ class Seen:
     attempt: int
     temperature: float
     prompt_mode: str
+    resolution: str | None = None
+    hook: object = None  # what the render workers' hook returned for this page
 
 
 @dataclass
@@ -42,6 +44,7 @@ class FakeEngine:
     large_resolution: str | None = "large"
     resolution: str | None = "gundam"
     worker_hook: tuple[str, dict] | None = None
+    supports_request_resolution: bool = False  # True: Large requests go to this engine (like vLLM's)
     # fault injection
     loop_pages: dict[tuple[str, int], int] = field(
         default_factory=dict
@@ -72,10 +75,21 @@ class FakeEngine:
         self._queue.extend(requests)
         self.seen.extend(
             Seen(
-                os.path.basename(r.image.doc_key), r.image.page_index, r.attempt, r.temperature, r.prompt_mode
+                os.path.basename(r.image.doc_key),
+                r.image.page_index,
+                r.attempt,
+                r.temperature,
+                r.prompt_mode,
+                r.resolution,
+                r.image.extra.get("hook"),
             )
             for r in requests
         )
+
+    def hook_for(self, resolution: str | None) -> tuple[str, dict] | None:
+        if self.worker_hook is None:
+            return None
+        return (self.worker_hook[0], {**self.worker_hook[1], "res": resolution})
 
     def pending(self) -> int:
         return len(self._queue)
@@ -100,7 +114,7 @@ class FakeEngine:
                 f"({req.image.width}x{req.image.height} px), with more words: alpha beta gamma delta "
                 f"epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau.{EOS}"
             )
-        if key in self.loop_all_attempts_in_base and self.resolution != "large":
+        if key in self.loop_all_attempts_in_base and (req.resolution or self.resolution) != "large":
             return loop_text()
         if req.attempt < self.loop_pages.get(key, 0):
             return loop_text()

@@ -45,6 +45,27 @@ def test_large_phase_rescues_pages_and_reuses_one_engine(tmp_path, run_fake):
     assert summary["retries"]["large_pass"] == 2 and summary["retries"]["large_improved"] == 2
 
 
+def test_large_pages_are_prepared_by_the_render_workers_at_large_resolution(tmp_path, run_fake):
+    """An engine that takes the resolution per request (vLLM with the plugin processor) keeps
+    running the Large pass; its pages come from the render workers already prepared at Large."""
+    src = tmp_path / "in"
+    pdfgen.text_pdf(src / "a.pdf", pages=2)
+    code, out, factory = run_fake(
+        src,
+        loop_all_attempts_in_base={("a.pdf", 1)},
+        supports_request_resolution=True,
+        worker_hook=("slow_hook:tag_resolution", {"res": "gundam"}),
+    )
+    assert code == 0
+    assert [r["status"] for r in _recs(out, "a")] == ["ok", "large_ok"]
+    assert len(factory.engines) == 1  # no second engine
+    seen = factory.engines[0].seen
+    main = [s for s in seen if s.resolution is None]
+    large = [s for s in seen if s.resolution == "large"]
+    assert main and all(s.hook == "gundam" for s in main)
+    assert [(s.page_index, s.hook) for s in large] == [(1, "large")]
+
+
 def test_large_cap_and_fallback_to_text_layer(tmp_path, run_fake):
     src = tmp_path / "in"
     pdfgen.text_pdf(src / "a.pdf", pages=3)

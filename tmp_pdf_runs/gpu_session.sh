@@ -35,7 +35,7 @@ x2() {  # RUNS TAG: tools/bench.py --scale RUNS (1, gpus, ray) on GPU_IDS, PPG p
   local runs=$1 tag=$2 rc
   log "x2 $runs ($tag)"
   RAY_USAGE_STATS_ENABLED=0 timeout -k 20 "${X2TO:-585}" python3 tools/bench.py --model-dir $M/${X2MODEL:-deepseek-ocr} \
-    --pages-per-gpu "${PPG:-768}" --max-num-seqs "${SEQS:-512}" --gpus "${GPU_IDS:-0,1}" --work-dir /tmp/x2 \
+    --pages-per-gpu "${PPG:-1536}" --max-num-seqs "${SEQS:-512}" --gpus "${GPU_IDS:-0,1}" --work-dir /tmp/x2 \
     --scale "$runs" --product-timeout "${PTO:-560}" --deadline-s "${X2DL:-570}" --jsonl "$OUT/benchmarks.jsonl" \
     --tag "x2-$tag" > "/tmp/x2_$tag.out" 2>&1; rc=$?; echo "bench rc=$rc"
   grep -E "^(===|SKIP|SCALE)" "/tmp/x2_$tag.out"; grep "^{" "/tmp/x2_$tag.out" | cut -c1-1500; tail -4 "/tmp/x2_$tag.out" | cut -c1-300

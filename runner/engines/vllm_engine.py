@@ -153,6 +153,10 @@ class VllmEngine:
     def resolution(self) -> str:
         return self.ec.resolution or self.adapter.default_resolution
 
+    def hook_for(self, resolution: str | None) -> tuple[str, dict[str, Any]]:
+        """The render-worker hook that prepares a page at ``resolution`` (the Large pass)."""
+        return (HOOK_FN, view_spec(self.adapter, resolution).as_kwargs())
+
     def __init__(self, config: RunConfig) -> None:
         reason = vllm_unavailable_reason()
         if reason:
