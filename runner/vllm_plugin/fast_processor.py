@@ -12,7 +12,9 @@ Because the token count comes from the tensors, the resolution mode is per reque
 process-global constant of upstream's processor.
 
 ``register()`` installs the subclasses for both architectures in the current process (the
-process that runs vLLM's input processing). The model classes are upstream's, unchanged.
+process that runs vLLM's input processing). The model classes are upstream's with one override:
+the vision encoder runs over all pages of a step at once (``batched_encoder``;
+``RUNNER_BATCHED_ENCODER=0`` keeps upstream's per-page loop).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from vllm.multimodal.parse import (
 )
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
+from runner.vllm_plugin.batched_encoder import BatchedOCR2Mixin, BatchedOCRMixin
 from runner.vllm_plugin.preprocess import ViewSpec, num_image_tokens
 
 IMAGE_TOKEN = "<image>"
@@ -152,15 +155,15 @@ class FastOCR2MultiModalProcessor(_PreparedMixin, DeepseekOCR2MultiModalProcesso
 @MULTIMODAL_REGISTRY.register_processor(
     FastOCRMultiModalProcessor, info=FastOCRProcessingInfo, dummy_inputs=DeepseekOCRDummyInputsBuilder
 )
-class FastDeepseekOCRForCausalLM(DeepseekOCRForCausalLM):
-    """Upstream's model; only its registered input processor differs."""
+class FastDeepseekOCRForCausalLM(BatchedOCRMixin, DeepseekOCRForCausalLM):
+    """Upstream's model; its input processor and the batching of its vision encoder differ."""
 
 
 @MULTIMODAL_REGISTRY.register_processor(
     FastOCR2MultiModalProcessor, info=FastOCR2ProcessingInfo, dummy_inputs=DeepseekOCR2DummyInputsBuilder
 )
-class FastDeepseekOCR2ForCausalLM(DeepseekOCR2ForCausalLM):
-    """Upstream's model; only its registered input processor differs."""
+class FastDeepseekOCR2ForCausalLM(BatchedOCR2Mixin, DeepseekOCR2ForCausalLM):
+    """Upstream's model; its input processor and the batching of its vision encoder differ."""
 
 
 ARCHITECTURES = {

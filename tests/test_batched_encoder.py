@@ -1,0 +1,236 @@
+"""The batched vision encoder (runner/vllm_plugin/batched_encoder.py) against upstream's per-page
+loop: on CPU against a copy of vLLM 0.26's loop with toy encoders; on the GPU machine against
+upstream's own methods (same toys)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from torch import nn
+
+from runner.vllm_plugin.batched_encoder import BatchedOCR2Mixin, BatchedOCRMixin
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+DIM = 8
+
+
+class _Sam(nn.Module):  # (n, 3, s, s) -> (n, 4, s/16, s/16)
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 16, stride=16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class _Clip(nn.Module):  # (x, f1) -> (n, 1 + hw, 6): a class token, then one row per SAM cell
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 6)
+        self.cls = nn.Parameter(torch.randn(6))
+
+    def forward(self, x: torch.Tensor, f1: torch.Tensor) -> torch.Tensor:
+        rows = (
+            self.lin(f1.flatten(2).permute(0, 2, 1)) + x.mean(dim=(1, 2, 3))[:, None, None] * 0.01
+        )  # per image
+        return torch.cat([self.cls.expand(rows.shape[0], 1, 6), rows], dim=1)
+
+
+class _Qwen(nn.Module):  # OCR-2's encoder: (n, 4, h, w) -> (n, hw, 5)
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 5)
+
+    def forward(self, f1: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(f1.flatten(2).permute(0, 2, 1)))
+
+
+class ToyOCR(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sam_model, self.vision_model = _Sam(), _Clip()
+        self.projector = nn.Linear(4 + 6, DIM)
+        self.image_newline = nn.Parameter(torch.randn(DIM))
+        self.view_seperator = nn.Parameter(torch.randn(DIM))
+
+    # -- copied from vLLM 0.26 deepseek_ocr.py (the per-page loop) ---------------------------------
+    def _encode_global_features(self, image_tensor):
+        global_features_1 = self.sam_model(image_tensor)
+        global_features_2 = self.vision_model(image_tensor, global_features_1)
+        features = torch.cat(
+            (global_features_2[:, 1:], global_features_1.flatten(2).permute(0, 2, 1)), dim=-1
+        )
+        features = self.projector(features)
+        _, hw, dim = features.shape
+        side = int(hw**0.5)
+        features = features.view(side, side, dim)
+        newline = self.image_newline[None, None, :].expand(side, 1, dim)
+        features = torch.cat([features, newline], dim=1)
+        return features.view(-1, dim)
+
+    def _encode_local_features(self, patches, crop_shape):
+        if torch.sum(patches).item() == 0:
+            return None
+        local_features_1 = self.sam_model(patches)
+        local_features_2 = self.vision_model(patches, local_features_1)
+        features = torch.cat((local_features_2[:, 1:], local_features_1.flatten(2).permute(0, 2, 1)), dim=-1)
+        features = self.projector(features)
+        return self._assemble_patch_grid(features, crop_shape)
+
+    def _assemble_patch_grid(self, features, crop_shape):
+        _, hw, dim = features.shape
+        patch_side = int(hw**0.5)
+        width_tiles = int(crop_shape[0].item())
+        height_tiles = int(crop_shape[1].item())
+        features = (
+            features.view(height_tiles, width_tiles, patch_side, patch_side, dim)
+            .permute(0, 2, 1, 3, 4)
+            .reshape(height_tiles * patch_side, width_tiles * patch_side, dim)
+        )
+        newline = self.image_newline[None, None, :].expand(height_tiles * patch_side, 1, dim)
+        features = torch.cat([features, newline], dim=1)
+        return features.view(-1, dim)
+
+    def _pixel_values_to_embedding(self, pixel_values, images_crop, images_spatial_crop):
+        images_in_this_batch = []
+        is_tiled = (images_spatial_crop[:, 0] > 1) | (images_spatial_crop[:, 1] > 1)
+        patches_per_image = torch.where(is_tiled, images_spatial_crop.prod(dim=-1), 0)
+        images_crop = images_crop.split(patches_per_image.tolist())
+        for jdx in range(images_spatial_crop.size(0)):
+            patches = images_crop[jdx]
+            image_ori = pixel_values[[jdx]]
+            crop_shape = images_spatial_crop[jdx]
+            global_features = self._encode_global_features(image_ori)
+            local_features = self._encode_local_features(patches, crop_shape)
+            if local_features is not None:
+                combined = torch.cat([local_features, global_features, self.view_seperator[None, :]], dim=0)
+            else:
+                combined = torch.cat([global_features, self.view_seperator[None, :]], dim=0)
+            images_in_this_batch.append(combined)
+        return images_in_this_batch
+
+
+class ToyOCR2(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sam_model, self.qwen2_model = _Sam(), _Qwen()
+        self.projector = nn.Linear(5, DIM)
+        self.view_seperator = nn.Parameter(torch.randn(DIM))
+
+    # -- copied from vLLM 0.26 deepseek_ocr2.py --------------------------------------------------
+    def _encode_global_features(self, image_tensor):
+        features = self.projector(self.qwen2_model(self.sam_model(image_tensor)))
+        dim = features.shape[-1]
+        return features.view(-1, dim)
+
+    def _encode_local_features(self, patches):
+        if torch.sum(patches).item() == 0:
+            return None
+        features = self.projector(self.qwen2_model(self.sam_model(patches)))
+        _, _, dim = features.shape
+        return features.view(-1, dim)
+
+    def _pixel_values_to_embedding(self, pixel_values, images_crop, images_spatial_crop):
+        images_in_this_batch = []
+        is_tiled = (images_spatial_crop[:, 0] > 1) | (images_spatial_crop[:, 1] > 1)
+        patches_per_image = torch.where(is_tiled, images_spatial_crop.prod(dim=-1), 0)
+        images_crop = images_crop.split(patches_per_image.tolist())
+        for jdx in range(images_spatial_crop.size(0)):
+            patches = images_crop[jdx]
+            image_ori = pixel_values[[jdx]]
+            global_features = self._encode_global_features(image_ori)
+            local_features = self._encode_local_features(patches)
+            if local_features is not None:
+                combined = torch.cat([local_features, global_features, self.view_seperator[None, :]], dim=0)
+            else:
+                combined = torch.cat([global_features, self.view_seperator[None, :]], dim=0)
+            images_in_this_batch.append(combined)
+        return images_in_this_batch
+
+
+def _upstream_classes() -> tuple[type, type]:
+    """Toys whose per-page loop is upstream's own code when vLLM is importable."""
+    if not HAS_VLLM:
+        return ToyOCR, ToyOCR2
+    from vllm.model_executor.models.deepseek_ocr import DeepseekOCRForCausalLM as U1
+    from vllm.model_executor.models.deepseek_ocr2 import DeepseekOCR2ForCausalLM as U2
+
+    names1 = (
+        "_encode_global_features",
+        "_encode_local_features",
+        "_assemble_patch_grid",
+        "_pixel_values_to_embedding",
+    )
+    names2 = ("_encode_global_features", "_encode_local_features", "_pixel_values_to_embedding")
+    up1 = type("Up1", (ToyOCR,), {n: getattr(U1, n) for n in names1})
+    up2 = type("Up2", (ToyOCR2,), {n: getattr(U2, n) for n in names2})
+    return up1, up2
+
+
+class Batched1(BatchedOCRMixin, ToyOCR):
+    pass
+
+
+class Batched2(BatchedOCR2Mixin, ToyOCR2):
+    pass
+
+
+def _inputs(tiles: list[tuple[int, int]], base: int = 64, crop: int = 32):
+    g = torch.randn(len(tiles), 3, base, base)
+    n_crops = sum(w * h for w, h in tiles if w > 1 or h > 1)
+    c = torch.randn(n_crops, 3, crop, crop)
+    s = torch.tensor(tiles, dtype=torch.long)
+    return g, c, s
+
+
+@pytest.mark.parametrize("max_batch", ["32", "2"])
+@pytest.mark.parametrize("model", ["ocr", "ocr2"])
+def test_batched_equals_the_per_page_loop(
+    model: str, max_batch: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RUNNER_ENCODER_BATCH", max_batch)
+    torch.manual_seed(0)
+    up1, up2 = _upstream_classes()
+    ref_cls, new_cls = (up1, Batched1) if model == "ocr" else (up2, Batched2)
+    ref = ref_cls()
+    new = new_cls()
+    new.load_state_dict(ref.state_dict())
+    # tiled pages of several grids, untiled pages (no crops) in between
+    g, c, s = _inputs([(2, 3), (1, 1), (3, 2), (2, 2), (1, 1), (2, 1)])
+    with torch.no_grad():
+        want = ref._pixel_values_to_embedding(g, c, s)
+        got = new._pixel_values_to_embedding(g, c, s)
+    assert len(got) == len(want) == 6
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_switch_off_runs_upstreams_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNNER_BATCHED_ENCODER", "0")
+    calls = []
+    new = Batched1()
+    orig = ToyOCR._encode_global_features
+
+    def spy(self, x):
+        calls.append(x.shape[0])
+        return orig(self, x)
+
+    monkeypatch.setattr(ToyOCR, "_encode_global_features", spy)
+    g, c, s = _inputs([(2, 2), (1, 1), (2, 1)])
+    with torch.no_grad():
+        new._pixel_values_to_embedding(g, c, s)
+    assert calls == [1, 1, 1]  # one page at a time, as upstream
+
+
+def test_one_encoder_call_per_view_kind(monkeypatch: pytest.MonkeyPatch) -> None:
+    new = Batched1()
+    sizes: list[int] = []
+    orig = new.sam_model.forward
+    monkeypatch.setattr(new.sam_model, "forward", lambda x: sizes.append(x.shape[0]) or orig(x))
+    g, c, s = _inputs([(2, 3), (1, 1), (3, 2), (2, 2)])
+    with torch.no_grad():
+        new._pixel_values_to_embedding(g, c, s)
+    assert sizes == [4, 16]  # all global views, then all 6+6+4 crops
