@@ -193,6 +193,14 @@ class _FakeTokenizer:
         return 1 if tok == EOS_TOKEN else 128815 + abs(hash(tok)) % 11
 
 
+class _DecodingTokenizer:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        from runner.adapters import EOS_TOKEN
+
+        assert skip_special_tokens is False  # grounding tags are special tokens: they must stay
+        return "".join(EOS_TOKEN if i == 1 else "# page " for i in ids)
+
+
 class _FakeLLMEngine:
     """Finishes each request after a few steps; can be told to die."""
 
@@ -222,8 +230,9 @@ class _FakeLLMEngine:
             self.running[rid] -= 1
             if self.running[rid] == 0:
                 del self.running[rid]
+                # detokenize=False: vLLM hands back token ids only, the engine decodes once
                 comp = SimpleNamespace(
-                    text="# page", finish_reason="length", stop_reason=None, token_ids=[5] * 7
+                    text="", finish_reason="length", stop_reason=None, token_ids=[5] * 6 + [1]
                 )
                 done.append(
                     SimpleNamespace(request_id=rid, finished=True, outputs=[comp], prompt_token_ids=[0] * 9)
@@ -245,6 +254,7 @@ def _fake_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
     monkeypatch.setattr(eng, "_make_request", make_request)
     eng._llm = type("L", (), {"llm_engine": fake})()
+    eng._tokenizer = _DecodingTokenizer()
     eng._start_thread()
     return eng, fake
 
@@ -267,6 +277,7 @@ def test_feeding_thread_streams_outputs(tmp_path: Path, monkeypatch: pytest.Monk
         got += eng.poll(0.1)
     assert sorted(o.request_id for o in got) == [f"r{i}" for i in range(5)]
     assert all(o.output_tokens == 7 and o.prompt_tokens == 9 and o.stopped_by_eos is False for o in got)
+    assert all(o.text == "# page " * 6 for o in got)  # decoded once, the EOS token text removed
     assert eng.pending() == 0
     eng._stop.set()
 

@@ -176,6 +176,7 @@ class VllmEngine:
         self._stop = threading.Event()
         self._dead: BaseException | None = None
         self._guard_args: dict[str, Any] = {}
+        self._tokenizer: Any = None
         self.startup_seconds = 0.0
         self.stats = {"steps": 0, "added": 0, "host_prep_s": 0.0, "slow_prep": 0}
 
@@ -212,6 +213,7 @@ class VllmEngine:
         kw = engine_kwargs(self.ec, self._model_path, self.ec.guard)
         self._llm = LLM(**kw)
         tok = self._llm.get_tokenizer()
+        self._tokenizer = tok
         ids = self.adapter.resolve_special_tokens(tok)
         self._eos_id = ids.eos
         guard = self.adapter.guard
@@ -266,6 +268,7 @@ class VllmEngine:
             temperature=0.0,
             max_tokens=16,
             ignore_eos=True,
+            detokenize=False,
             output_kind=RequestOutputKind.FINAL_ONLY,
             extra_args=dict(self._guard_args) if self._guard_args else None,
         )
@@ -432,6 +435,9 @@ class VllmEngine:
             max_tokens=self.ec.max_tokens,
             ignore_eos=self.ec.ignore_eos,
             skip_special_tokens=False,
+            # No per-step incremental detokenisation in this (the feeding) process: the text is
+            # decoded once when the page is finished (_finish). No stop strings are used.
+            detokenize=False,
             output_kind=RequestOutputKind.FINAL_ONLY,
             extra_args=dict(self._guard_args) if self._guard_args else None,
             seed=self.ec.seed if req.temperature > 0 else None,
@@ -444,7 +450,7 @@ class VllmEngine:
         if p is None:
             return
         c = ro.outputs[0]
-        text = c.text
+        text = c.text or self._decode(c.token_ids)
         if text.endswith(EOS_TOKEN):
             text = text[: -len(EOS_TOKEN)]
         finish = c.finish_reason
@@ -460,6 +466,12 @@ class VllmEngine:
                 seconds=time.perf_counter() - p.submitted,
             )
         )
+
+    def _decode(self, token_ids: Sequence[int]) -> str:
+        """The page's text from its tokens, decoded once (what vLLM's detokenizer would give)."""
+        if not token_ids:
+            return ""
+        return str(self._tokenizer.decode(list(token_ids), skip_special_tokens=False))
 
     def _fail(self, req: PageRequest, error: str) -> None:
         with self._lock:
