@@ -112,31 +112,41 @@ class _Pool:
 
 
 class _Row:
-    """One request: its output-token list (a reference into vLLM), pool slot and counters."""
+    """One request: its output-token list (a reference into vLLM), pool slot and counters.
+    Shared by the host (numpy) and device (torch) guard states; ``pool`` is theirs."""
 
     __slots__ = ("length", "out", "pool", "seen", "slot")
 
-    def __init__(self, pool: _Pool, out: list[int]) -> None:
+    def __init__(self, pool: Any, out: list[int]) -> None:
         self.pool = pool
         self.slot = pool.take()
         self.out = out
         self.seen = 0  # entries of ``out`` folded into the history
         self.length = 0  # real tokens seen in total
 
-    def sync_slow(self, end: int) -> None:
-        """Fold ``out[seen:end]`` into the history (several tokens at once)."""
-        k = end - self.seen
-        hist = self.pool.hist[self.slot]
-        w = hist.shape[0]
-        new = np.asarray(self.out[max(self.seen, end - w) : end], dtype=np.int64)
-        m = new.shape[0]
-        if m >= w:
-            hist[:] = new[-w:]
-        else:
-            hist[:-m] = hist[m:]
-            hist[-m:] = new
-        self.seen = end
-        self.length += k
+    def new_end(self) -> int:
+        """End of the real tokens in ``out``: async scheduling appends -1 placeholders that vLLM
+        repairs only right before sampling, so they are not history yet."""
+        out, end = self.out, len(self.out)
+        while end > self.seen and out[end - 1] < 0:
+            end -= 1
+        return end
+
+
+def _sync_slow(row: _Row, end: int) -> None:
+    """Fold ``out[seen:end]`` into a numpy pool's history (several tokens at once)."""
+    k = end - row.seen
+    hist = row.pool.hist[row.slot]
+    w = hist.shape[0]
+    new = np.asarray(row.out[max(row.seen, end - w) : end], dtype=np.int64)
+    m = new.shape[0]
+    if m >= w:
+        hist[:] = new[-w:]
+    else:
+        hist[:-m] = hist[m:]
+        hist[-m:] = new
+    row.seen = end
+    row.length += k
 
 
 def _banned_for_group(
@@ -184,12 +194,16 @@ def _banned_for_group(
     return key >> 32, key & 0xFFFFFFFF
 
 
-class GuardState:
-    """Batch state of the guard: one ``_Row`` per persistent-batch index that uses it."""
+class BatchRows:
+    """Which request is in which persistent-batch row: vLLM's batch events, for both guard
+    states (host and device). Subclasses make the pools (``_new_pool``)."""
 
     def __init__(self) -> None:
         self.rows: dict[int, _Row] = {}
-        self.pools: dict[GuardParams, _Pool] = {}
+        self.pools: dict[GuardParams, Any] = {}
+
+    def _new_pool(self, params: GuardParams) -> Any:
+        raise NotImplementedError
 
     # -- batch bookkeeping (vLLM's order: removed, added, moved) ---------------------------------
     def update(
@@ -209,7 +223,7 @@ class GuardState:
             if params is not None:
                 pool = self.pools.get(params)
                 if pool is None:
-                    pool = self.pools[params] = _Pool(params)
+                    pool = self.pools[params] = self._new_pool(params)
                 rows[index] = _Row(pool, out)
         for a, b, swap in moved:
             ra, rb = rows.pop(a, None), rows.pop(b, None)
@@ -226,6 +240,13 @@ class GuardState:
         if row is not None:
             row.pool.give(row.slot)
 
+
+class GuardState(BatchRows):
+    """The guard on the host: numpy histories, one vectorised check per pool and step."""
+
+    def _new_pool(self, params: GuardParams) -> _Pool:
+        return _Pool(params)
+
     # -- the per-step check ----------------------------------------------------------------------
     def banned(self) -> tuple[np.ndarray, np.ndarray]:
         """Sync every row with its output list and return (batch indices, banned token ids)."""
@@ -237,19 +258,15 @@ class GuardState:
         shift: dict[_Pool, tuple[list[int], list[int]]] = {}
         ready: dict[_Pool, tuple[list[int], list[int]]] = {}
         for index, row in self.rows.items():
-            out = row.out
-            end = len(out)
-            # Async scheduling appends -1 placeholders that vLLM repairs before sampling.
-            while end > row.seen and out[end - 1] < 0:
-                end -= 1
+            end = row.new_end()
             if end == row.seen + 1:
                 slots, toks = shift.setdefault(row.pool, ([], []))
                 slots.append(row.slot)
-                toks.append(out[end - 1])
+                toks.append(row.out[end - 1])
                 row.seen = end
                 row.length += 1
             elif end > row.seen:
-                row.sync_slow(end)
+                _sync_slow(row, end)
             if row.length >= row.pool.params.ngram_size:
                 idx, slots2 = ready.setdefault(row.pool, ([], []))
                 idx.append(index)

@@ -18,12 +18,9 @@ Out: the logits, with banned (row, token) entries at -inf (in place).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any
-
 import torch
 
-from runner.engines.guard import GuardParams
+from runner.engines.guard import BatchRows, GuardParams
 
 
 class _DevicePool:
@@ -54,58 +51,16 @@ class _DevicePool:
         self.free.append(slot)
 
 
-class _Row:
-    __slots__ = ("length", "out", "pool", "seen", "slot")
-
-    def __init__(self, pool: _DevicePool, out: list[int]) -> None:
-        self.pool = pool
-        self.slot = pool.take()
-        self.out = out
-        self.seen = 0  # entries of ``out`` folded into the history
-        self.length = 0  # real tokens seen in total
-
-
-class DeviceGuardState:
-    """Batch state of the device guard: one ``_Row`` per persistent-batch index that uses it."""
+class DeviceGuardState(BatchRows):
+    """Batch state of the device guard: one row per persistent-batch index that uses it."""
 
     def __init__(self, device: torch.device | str, pin_memory: bool = False) -> None:
+        super().__init__()
         self.device = torch.device(device)
         self.pin_memory = pin_memory and self.device.type == "cuda"
-        self.rows: dict[int, _Row] = {}
-        self.pools: dict[GuardParams, _DevicePool] = {}
 
-    # -- batch bookkeeping (same events and order as GuardState.update) --------------------------
-    def update(
-        self,
-        removed: Iterable[int],
-        added: Iterable[tuple[int, Mapping[str, Any] | None, list[int]]],
-        moved: Iterable[tuple[int, int, bool]],
-    ) -> None:
-        rows = self.rows
-        for index in removed:
-            self._drop(index)
-        for index, extra, out in added:
-            self._drop(index)
-            params = GuardParams.from_extra_args(extra)
-            if params is not None:
-                pool = self.pools.get(params)
-                if pool is None:
-                    pool = self.pools[params] = _DevicePool(params, self.device)
-                rows[index] = _Row(pool, out)
-        for a, b, swap in moved:
-            ra, rb = rows.pop(a, None), rows.pop(b, None)
-            if ra is not None:
-                rows[b] = ra
-            if rb is not None:
-                if swap:
-                    rows[a] = rb
-                else:
-                    rb.pool.give(rb.slot)
-
-    def _drop(self, index: int) -> None:
-        row = self.rows.pop(index, None)
-        if row is not None:
-            row.pool.give(row.slot)
+    def _new_pool(self, params: GuardParams) -> _DevicePool:
+        return _DevicePool(params, self.device)
 
     # -- the per-step work -----------------------------------------------------------------------
     def _upload(self, values: list[int]) -> torch.Tensor:
@@ -124,10 +79,7 @@ class DeviceGuardState:
         ready: dict[_DevicePool, tuple[list[int], list[int]]] = {}
         for index, row in self.rows.items():
             out = row.out
-            end = len(out)
-            # Async scheduling appends -1 placeholders that vLLM repairs before sampling.
-            while end > row.seen and out[end - 1] < 0:
-                end -= 1
+            end = row.new_end()
             if end == row.seen + 1:
                 slots, toks = shift.setdefault(row.pool, ([], []))
                 slots.append(row.slot)
