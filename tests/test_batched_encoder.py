@@ -234,3 +234,19 @@ def test_one_encoder_call_per_view_kind(monkeypatch: pytest.MonkeyPatch) -> None
     with torch.no_grad():
         new._pixel_values_to_embedding(g, c, s)
     assert sizes == [4, 16]  # all global views, then all 6+6+4 crops
+
+
+def test_a_tiled_page_whose_crops_sum_to_zero_loses_its_local_features_as_upstream() -> None:
+    torch.manual_seed(1)
+    up1, _ = _upstream_classes()
+    ref, new = up1(), Batched1()
+    new.load_state_dict(ref.state_dict())
+    g, c, s = _inputs([(2, 2), (2, 1), (1, 1)])
+    c[4:6] = 0.0  # the second page's two crops: upstream's "no local features" test is sum == 0
+    with torch.no_grad():
+        want = ref._pixel_values_to_embedding(g, c, s)
+        got = new._pixel_values_to_embedding(g, c, s)
+    assert [t.shape for t in got] == [t.shape for t in want]
+    assert got[1].shape[0] < want[0].shape[0]  # global view + separator only
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -72,8 +72,12 @@ class _BatchedEncoderMixin:
         # Upstream drops a page's local features when its crops sum to zero (no crops): one sync.
         has_local = [s != 0 for s in torch.stack([c.sum() for c in crops]).tolist()]
         glob = self._encode_chunked(pixel_values[:n])
-        kept = [crops[j] for j in range(n) if has_local[j]]
-        local = self._encode_chunked(torch.cat(kept)) if kept else None
+        if not any(has_local):
+            local = None
+        elif all(has_local[j] == (counts[j] > 0) for j in range(n)):
+            local = self._encode_chunked(images_crop[: sum(counts)])  # the usual case: no copy
+        else:
+            local = self._encode_chunked(torch.cat([crops[j] for j in range(n) if has_local[j]]))
         out: list[torch.Tensor] = []
         pos = 0
         sep = self.view_seperator[None, :]
