@@ -227,9 +227,8 @@ def prepare_worker(mem_limit_mb: int) -> None:
 
 
 def _worker_main(conn: Connection, mem_limit_mb: int, use_shm: bool = False) -> None:
-    from runner import shm
-
     prepare_worker(mem_limit_mb)
+    shm.set_owner(os.getppid())
     cache: dict[str, Any] = {}
     hooks: dict[str, Any] = {}
     conn.send("ready")  # start-up (imports) must not count against the first task's time limit
@@ -242,7 +241,11 @@ def _worker_main(conn: Connection, mem_limit_mb: int, use_shm: bool = False) -> 
             return
         result = run_task(task, cache, hooks, mem_limit_mb)
         # Results go back as bytes; with shared memory their large buffers travel by name only.
-        conn.send_bytes(shm.dumps(result) if use_shm else pickle.dumps(result, pickle.HIGHEST_PROTOCOL))
+        try:
+            conn.send_bytes(shm.dumps(result) if use_shm else pickle.dumps(result, pickle.HIGHEST_PROTOCOL))
+        except (BrokenPipeError, OSError):  # the main process is gone: leave nothing behind
+            shm.discard_last()
+            return
 
 
 def run_task(

@@ -46,11 +46,20 @@ def available() -> bool:
 
 
 _counter = itertools.count()
+_owner: int | None = None  # the main process' pid, fixed when the worker starts
+_written: list[str] = []  # names written for the message being built
+
+
+def set_owner(pid: int | None) -> None:
+    """Name files after ``pid`` (the pool's process) even if this worker outlives it."""
+    global _owner
+    _owner = pid
 
 
 def _write(data: memoryview) -> str | None:
     """Copy ``data`` into a new shared-memory file; its name, or None when there is no room."""
-    name = f"{PREFIX}{os.getppid()}-{os.getpid()}-{next(_counter)}"
+    owner = _owner if _owner is not None else os.getppid()
+    name = f"{PREFIX}{owner}-{os.getpid()}-{next(_counter)}"
     path = SHM_DIR / name
     n = data.nbytes
     try:
@@ -67,6 +76,7 @@ def _write(data: memoryview) -> str | None:
         return None
     finally:
         os.close(fd)
+    _written.append(name)
     return name
 
 
@@ -108,9 +118,18 @@ class _Pickler(pickle.Pickler):
 
 def dumps(obj: Any) -> bytes:
     """Pickle ``obj`` with its large buffers moved to shared memory (worker side)."""
+    _written.clear()
     buf = io.BytesIO()
     _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
     return buf.getvalue()
+
+
+def discard_last() -> None:
+    """Remove what the last ``dumps`` wrote (its message could not be sent)."""
+    for name in _written:
+        with contextlib.suppress(OSError):
+            (SHM_DIR / name).unlink()
+    _written.clear()
 
 
 def loads(data: bytes) -> Any:

@@ -109,3 +109,15 @@ def test_killed_worker_leftovers_are_removed(tmp_path) -> None:
         left.write_bytes(b"x")  # as if the worker died after writing, before sending
         pool._replace(w)
         assert not left.exists()
+
+
+def test_an_unsent_message_leaves_nothing_and_names_follow_the_owner() -> None:
+    shm.set_owner(4242)
+    try:
+        shm.dumps({"a": np.ones(2 << 20, dtype=np.uint8)})
+        written = list(shm.SHM_DIR.glob(f"{shm.PREFIX}4242-{os.getpid()}-*"))
+        assert len(written) == 1  # named after the pool's process, not whoever the parent is now
+        shm.discard_last()  # what the worker does when the main process is gone
+        assert not any(p.exists() for p in written)
+    finally:
+        shm.set_owner(None)
