@@ -67,6 +67,9 @@ for step in "$@"; do
             --max-num-seqs ${SEQS:-64} --retries 0 --no-large-pass --progress log --render-workers 12 --force \
             --log-file "$OUT/diag_run.log" > "$OUT/diag.out" 2>&1; echo "diag rc=$?"; tail -40 "$OUT/diag.out" | cut -c1-300
           python3 tmp_pdf_runs/smoke_check.py /tmp/dg_in /tmp/dg_out ;;
+    encab) for e in 0 1; do log "encab RUNNER_BATCHED_ENCODER=$e"   # batched vision encoder A/B (two engines, same pages)
+          RUNNER_BATCHED_ENCODER=$e timeout -k 10 ${EABTO:-280} python3 tools/bench.py --model-dir $M/${EMODEL:-deepseek-ocr} --pages ${PAGES:-512} --max-num-seqs ${SEQS:-512} \
+            --baseline off --product engine --work-dir /tmp/benc$e --jsonl "$OUT/benchmarks.jsonl" --tag encoder-batched-$e 2>&1 | tail -1 | cut -c1-400; done ;;
     abx) log abx; timeout -k 10 ${ABTO:-560} python3 tools/bench.py --model-dir $M/deepseek-ocr --pages ${PAGES:-1024} --max-num-seqs ${SEQS:-1024} --baseline off --product engine --guard-ab --round-caps ${CAPS:-512} --work-dir /tmp/bab --jsonl "$OUT/benchmarks.jsonl" --tag guard-ab-batch 2>&1 | tail -2; grep "ROUND\|STALL\|Error" /tmp/bab/engine.log | head; cp /tmp/bab/engine.log "$OUT/abx_engine.log" ;;
     x2fault) # restart test on GPU 0 while the capped low-VRAM runs go one after the other on GPU 1
           RT_GPU=0 restart_test > /tmp/x2fault_rt.txt 2>&1 &
