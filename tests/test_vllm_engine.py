@@ -312,3 +312,18 @@ def test_finished_but_unpolled_outputs_stay_pending(tmp_path: Path, monkeypatch:
     got = eng.poll(0.1)
     assert len(got) == 3 and eng.pending() == 0
     eng._stop.set()
+
+
+def test_vllm_plugin_entry_point_is_installed_and_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM spawns its engine core: our model subclasses (the batched vision encoder) reach that
+    process only through the ``vllm.general_plugins`` entry point."""
+    import sys
+    from importlib.metadata import entry_points
+
+    eps = {ep.name: ep for ep in entry_points(group="vllm.general_plugins")}
+    assert eps["deepseek_ocr_pipeline"].value == "runner.vllm_plugin:register_all"
+    fn = eps["deepseek_ocr_pipeline"].load()
+    monkeypatch.setenv("RUNNER_VLLM_PLUGIN", "0")
+    monkeypatch.delitem(sys.modules, "runner.vllm_plugin.fast_processor", raising=False)
+    fn()  # off: returns without importing vLLM
+    assert "runner.vllm_plugin.fast_processor" not in sys.modules

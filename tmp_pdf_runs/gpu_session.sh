@@ -5,6 +5,13 @@ set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 M=.gpu_carry/models
+# The project is not pip-installed here (PYTHONPATH): give vLLM our plugin entry point by hand, so
+# that its spawned engine core loads our model subclasses too (runner/vllm_plugin/__init__.py).
+EP=/tmp/site/deepseek_ocr_pipeline_src-0.0.0.dist-info
+if [ -d /tmp/site ] && [ ! -f $EP/entry_points.txt ]; then
+  mkdir -p $EP && printf 'Metadata-Version: 2.1\nName: deepseek-ocr-pipeline-src\nVersion: 0.0.0\n' > $EP/METADATA
+  printf '[vllm.general_plugins]\ndeepseek_ocr_pipeline = runner.vllm_plugin:register_all\n' > $EP/entry_points.txt
+fi
 log() { echo "=== $(date -u +%T) $*"; }
 smoke() {  # model mode [extra CLI flags]
   local m=$1 mode=$2; shift 2; local o=/tmp/smoke_${m}_${mode}

@@ -128,6 +128,19 @@ def engine_kwargs(ec: EngineConfig, model_path: str, guard: bool) -> dict[str, A
     return kw
 
 
+def _check_plugin_installed() -> None:
+    """The engine core is a spawned process: our model subclasses reach it only through the
+    ``vllm.general_plugins`` entry point of the installed project (pyproject.toml)."""
+    from importlib.metadata import entry_points
+
+    names = {ep.value for ep in entry_points(group="vllm.general_plugins")}
+    if "runner.vllm_plugin:register_all" not in names:
+        log.warning(
+            "the project's vLLM plugin entry point is not installed (run `pip install -e .`): the "
+            "engine core will run upstream's model code (per-page vision encoder)"
+        )
+
+
 @dataclass(frozen=True)
 class _Pending:
     request: PageRequest
@@ -200,6 +213,7 @@ class VllmEngine:
         self.spec = view_spec(self.adapter, self.ec.resolution)
         self.worker_hook = (HOOK_FN, self.spec.as_kwargs())
         register()
+        _check_plugin_installed()
         self._model_path = files.path
         self._build()
         self._warmup()

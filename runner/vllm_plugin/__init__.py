@@ -8,3 +8,23 @@ render workers.
   input tensors precomputed by the render workers.
 - ``preprocess``: computes those tensors (same PIL operations as vLLM's processor).
 """
+
+import logging
+import os
+
+
+def register_all() -> None:
+    """vLLM general plugin (entry point ``vllm.general_plugins``): install the model subclasses in
+    every vLLM process. The engine core is a *spawned* process: a registration made only in the
+    CLI's process does not reach it, and the model code that runs there (the batched vision
+    encoder) would silently be upstream's. ``RUNNER_VLLM_PLUGIN=0`` turns it off."""
+    if os.environ.get("RUNNER_VLLM_PLUGIN", "1") == "0":
+        return
+    try:
+        from runner.vllm_plugin.fast_processor import register
+
+        register()
+    except Exception:  # vLLM calls this in every process: a failure here must not stop vLLM
+        logging.getLogger("vllm.deepseek_ocr_pipeline").exception(
+            "deepseek-ocr-pipeline plugin not registered; upstream's model code runs"
+        )

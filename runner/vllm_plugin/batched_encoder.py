@@ -20,10 +20,15 @@ upstream's loop, on the GPU machine against upstream's own methods.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import torch
+
+# Under "vllm." so that it prints through vLLM's own log handler in the engine-core process.
+log = logging.getLogger("vllm.deepseek_ocr_pipeline")
+_announced = False
 
 
 def enabled() -> bool:
@@ -66,6 +71,10 @@ class _BatchedEncoderMixin:
         n = images_spatial_crop.size(0)
         if n == 0:
             return []
+        global _announced
+        if not _announced:  # proof, in the engine core's log, that this code is the one running
+            _announced = True
+            log.info("batched vision encoder active (%s): %d page(s) in this step", type(self).__name__, n)
         is_tiled = (images_spatial_crop[:, 0] > 1) | (images_spatial_crop[:, 1] > 1)
         counts = torch.where(is_tiled, images_spatial_crop.prod(dim=-1), 0).tolist()
         crops = images_crop.split(counts)
