@@ -1063,7 +1063,9 @@ def main(argv: list[str] | None = None) -> int:
                     str(work / "baseline"),
                 ],
                 work / "baseline.log",
-                env,
+                # The seeds' approach is stock vLLM: our vLLM plugin (entry point, loaded by vLLM in
+                # every process) must not speed it up.
+                {**env, "RUNNER_VLLM_PLUGIN": "0"},
                 timeout=a.baseline_timeout,
             )
 
