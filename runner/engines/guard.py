@@ -133,20 +133,16 @@ class _Row:
         return end
 
 
-def _sync_slow(row: _Row, end: int) -> None:
-    """Fold ``out[seen:end]`` into a numpy pool's history (several tokens at once)."""
-    k = end - row.seen
-    hist = row.pool.hist[row.slot]
-    w = hist.shape[0]
-    new = np.asarray(row.out[max(row.seen, end - w) : end], dtype=np.int64)
-    m = new.shape[0]
-    if m >= w:
-        hist[:] = new[-w:]
-    else:
-        hist[:-m] = hist[m:]
-        hist[-m:] = new
-    row.seen = end
-    row.length += k
+@dataclass
+class StepWork:
+    """What one step must do to each pool's histories, from ``BatchRows.advance``."""
+
+    #: one new token per row (the common case): slots and their new token, one shift per pool
+    shift: dict[Any, tuple[list[int], list[int]]]
+    #: several new tokens (first sync, or more than one new token): (slot, last <= window tokens)
+    full: dict[Any, list[tuple[int, list[int]]]]
+    #: rows with at least n tokens, to check: batch indices and their slots
+    ready: dict[Any, tuple[list[int], list[int]]]
 
 
 def _banned_for_group(
@@ -240,6 +236,26 @@ class BatchRows:
         if row is not None:
             row.pool.give(row.slot)
 
+    def advance(self) -> StepWork:
+        """Move every row past the tokens it gained since the last step; say what to fold in."""
+        work = StepWork({}, {}, {})
+        for index, row in self.rows.items():
+            end = row.new_end()
+            if end == row.seen + 1:
+                slots, toks = work.shift.setdefault(row.pool, ([], []))
+                slots.append(row.slot)
+                toks.append(row.out[end - 1])
+            elif end > row.seen:
+                w = row.pool.params.window
+                work.full.setdefault(row.pool, []).append((row.slot, row.out[max(row.seen, end - w) : end]))
+            row.length += end - row.seen
+            row.seen = end
+            if row.length >= row.pool.params.ngram_size:
+                idx, slots2 = work.ready.setdefault(row.pool, ([], []))
+                idx.append(index)
+                slots2.append(row.slot)
+        return work
+
 
 class GuardState(BatchRows):
     """The guard on the host: numpy histories, one vectorised check per pool and step."""
@@ -255,31 +271,23 @@ class GuardState(BatchRows):
             return empty, empty
         # 1) fold new tokens in: one token per row per step is the common case, done in one
         #    vectorised shift per pool; anything else (first sync, several tokens) row by row.
-        shift: dict[_Pool, tuple[list[int], list[int]]] = {}
-        ready: dict[_Pool, tuple[list[int], list[int]]] = {}
-        for index, row in self.rows.items():
-            end = row.new_end()
-            if end == row.seen + 1:
-                slots, toks = shift.setdefault(row.pool, ([], []))
-                slots.append(row.slot)
-                toks.append(row.out[end - 1])
-                row.seen = end
-                row.length += 1
-            elif end > row.seen:
-                _sync_slow(row, end)
-            if row.length >= row.pool.params.ngram_size:
-                idx, slots2 = ready.setdefault(row.pool, ([], []))
-                idx.append(index)
-                slots2.append(row.slot)
-        for pool, (slots, toks) in shift.items():
+        work = self.advance()
+        for pool, (slots, toks) in work.shift.items():
             sl = np.asarray(slots, dtype=np.int64)
             h = pool.hist
             h[sl, :-1] = h[sl, 1:]
             h[sl, -1] = toks
+        for pool, rows in work.full.items():
+            for slot, new in rows:
+                hist = pool.hist[slot]
+                m = len(new)  # at most the window
+                if m < hist.shape[0]:
+                    hist[:-m] = hist[m:]
+                hist[-m:] = new
         # 2) one vectorised check per pool
         out_rows: list[np.ndarray] = []
         out_toks: list[np.ndarray] = []
-        for pool, (idx, slots) in ready.items():
+        for pool, (idx, slots) in work.ready.items():
             pos, toks_b = _banned_for_group(
                 pool.hist[np.asarray(slots, dtype=np.int64)], pool.params, pool.powers
             )

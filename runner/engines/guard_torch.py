@@ -74,29 +74,10 @@ class DeviceGuardState(BatchRows):
         if not self.rows:
             return logits
         # Host side: which slot gets which new token(s); which rows are long enough to check.
-        shift: dict[_DevicePool, tuple[list[int], list[int]]] = {}
-        full: dict[_DevicePool, list[tuple[int, list[int]]]] = {}
-        ready: dict[_DevicePool, tuple[list[int], list[int]]] = {}
-        for index, row in self.rows.items():
-            out = row.out
-            end = row.new_end()
-            if end == row.seen + 1:
-                slots, toks = shift.setdefault(row.pool, ([], []))
-                slots.append(row.slot)
-                toks.append(out[end - 1])
-            elif end > row.seen:
-                w = row.pool.params.window
-                new = list(out[max(row.seen, end - w) : end])
-                full.setdefault(row.pool, []).append((row.slot, new))
-            row.length += end - row.seen
-            row.seen = end
-            if row.length >= row.pool.params.ngram_size:
-                idx, rslots = ready.setdefault(row.pool, ([], []))
-                idx.append(index)
-                rslots.append(row.slot)
-        for pool in set(shift) | set(full) | {p for p in self.pools.values() if p.reset}:
-            self._fold(pool, shift.get(pool), full.get(pool, []))
-        for pool, (idx, rslots) in ready.items():
+        work = self.advance()
+        for pool in set(work.shift) | set(work.full) | {p for p in self.pools.values() if p.reset}:
+            self._fold(pool, work.shift.get(pool), work.full.get(pool, []))
+        for pool, (idx, rslots) in work.ready.items():
             self._ban(pool, logits, idx, rslots)
         return logits
 
