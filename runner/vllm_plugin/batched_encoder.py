@@ -8,11 +8,11 @@ their ~10^4 kernel launches. Measured on the H100 (GPU session 2, run logs): pre
 ~450 ms each, ~25 ms of GPU time per page against ~45 ms for its 1000 decode steps.
 
 Here the global views of all pages go through the encoder together, then all crops together (in
-chunks of ``RUNNER_ENCODER_BATCH`` images, default 32, to bound activation memory), with one host
-sync for the whole step; the per-page assembly (tile grid, newline column, view separator) is
-upstream's. Same math per image; only the batching differs (so bf16 results may differ from the
-per-page loop in the last bits, as between any two batch sizes). ``RUNNER_BATCHED_ENCODER=0``
-keeps upstream's loop.
+chunks of ``RUNNER_ENCODER_BATCH`` images, default 32, to bound activation memory), with two host
+syncs for the whole step, both before the encoder is queued; the per-page assembly (tile grid,
+newline column, view separator) is upstream's. Same math per image; only the batching differs
+(so bf16 results may differ from the per-page loop in the last bits, as between any two batch
+sizes). ``RUNNER_BATCHED_ENCODER=0`` keeps upstream's loop.
 
 Pure torch: imported by ``fast_processor`` (the vLLM side) and tested on CPU against a copy of
 upstream's loop, on the GPU machine against upstream's own methods.
@@ -75,8 +75,11 @@ class _BatchedEncoderMixin:
         if not _announced:  # proof, in the engine core's log, that this code is the one running
             _announced = True
             log.info("batched vision encoder active (%s): %d page(s) in this step", type(self).__name__, n)
-        is_tiled = (images_spatial_crop[:, 0] > 1) | (images_spatial_crop[:, 1] > 1)
-        counts = torch.where(is_tiled, images_spatial_crop.prod(dim=-1), 0).tolist()
+        # The tile grids on the host once: upstream reads them with .item() per page, a host sync
+        # each time, and its grid assembly (_finish_local) does so on what it is given.
+        spatial = images_spatial_crop.cpu()
+        is_tiled = (spatial[:, 0] > 1) | (spatial[:, 1] > 1)
+        counts = torch.where(is_tiled, spatial.prod(dim=-1), 0).tolist()
         crops = images_crop.split(counts)
         # Upstream drops a page's local features when its crops sum to zero (no crops): one sync.
         has_local = [s != 0 for s in torch.stack([c.sum() for c in crops]).tolist()]
@@ -94,7 +97,7 @@ class _BatchedEncoderMixin:
             g = self._finish_global(glob[j : j + 1])
             if has_local[j] and local is not None:
                 c = counts[j]
-                loc = self._finish_local(local[pos : pos + c], images_spatial_crop[j])
+                loc = self._finish_local(local[pos : pos + c], spatial[j])
                 pos += c
                 out.append(torch.cat([loc, g, sep], dim=0))
             else:
