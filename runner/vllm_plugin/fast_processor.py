@@ -172,10 +172,18 @@ ARCHITECTURES = {
 }
 
 
+_registered = False
+
+
 def register() -> None:
-    """Register the fast-processor model classes under upstream's architecture names."""
+    """Register the fast-processor model classes under upstream's architecture names (once per
+    process: both ``VllmEngine.start`` and vLLM's plugin loader call it in the CLI's process)."""
+    global _registered
+    if _registered:
+        return
     for arch, cls in ARCHITECTURES.items():
         ModelRegistry.register_model(arch, cls)
+    _registered = True
 
 
 def prepared_to_mm_data(prepared: Any) -> dict[str, torch.Tensor]:
