@@ -297,6 +297,69 @@ def test_dead_engine_raises_engine_died(tmp_path: Path, monkeypatch: pytest.Monk
     assert eng.pending() == 3  # the scheduler resubmits these after restart()
 
 
+class _SyncClientLikeVllm026:
+    """vLLM 0.26's ``SyncMPClient`` as far as a dead engine core goes: ``get_output`` waits on a
+    queue; when the core process dies, the monitor thread only sets ``resources.engine_dead``
+    and the output thread exits without queueing anything, so a waiting ``step()`` never wakes."""
+
+    def __init__(self) -> None:
+        import queue as _q
+        from types import SimpleNamespace
+
+        self.resources = SimpleNamespace(engine_dead=False)
+        self.outputs_queue: _q.Queue = _q.Queue()
+
+    def get_output(self) -> list:
+        out = self.outputs_queue.get()
+        if isinstance(out, Exception):
+            raise RuntimeError("EngineDeadError") from out
+        return out
+
+
+class _HangingOnDeathLLMEngine(_FakeLLMEngine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.engine_core = _SyncClientLikeVllm026()
+        self.killed = False
+
+    def step(self) -> list:
+        if self.killed:  # the core is gone: wait for outputs that will never come
+            return self.engine_core.get_output()
+        return super().step()
+
+
+def test_killed_engine_core_is_detected_although_step_never_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GPU session 3: the engine core was SIGKILLed 4 s after 'ready'; vLLM's client logged
+    'engine core exited unexpectedly' and the run then waited with 96 pages in flight until the
+    command's time limit. poll() must report the death from the client's flag, and close() must
+    not hang on the feeding thread blocked in step()."""
+    import time
+
+    from runner.engines.base import EngineDied
+
+    eng, _ = _fake_engine(tmp_path, monkeypatch)
+    fake = _HangingOnDeathLLMEngine()
+    eng._stop.set()
+    eng._llm = type("L", (), {"llm_engine": fake})()
+    eng._start_thread()
+    fake.killed = True
+    eng.submit([_req(i) for i in range(3)])
+    time.sleep(0.3)  # the feeding thread is now blocked inside step()
+    assert eng.poll(0.05) == []  # alive as far as vLLM knows: nothing to report yet
+    fake.engine_core.resources.engine_dead = True  # vLLM's monitor thread saw the process exit
+    with pytest.raises(EngineDied, match="engine core process died"):
+        eng.poll(0.05)
+    assert eng.pending() == 3  # resubmitted by the scheduler after restart()
+    thread = eng._thread
+    t0 = time.time()
+    eng._stop.set()
+    eng._inbox.put(None)
+    thread.join(5)
+    assert not thread.is_alive() and time.time() - t0 < 5  # woken, not left blocked for good
+
+
 def test_finished_but_unpolled_outputs_stay_pending(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The scheduler polls only while pending() > 0: an output vLLM finished but poll has not
     returned yet must still count, or it is stranded (the GPU-machine CLI stall)."""

@@ -21,6 +21,7 @@ at once on machines that cannot run vLLM.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.util
 import logging
@@ -301,9 +302,29 @@ class VllmEngine:
             engine.step()
         log.info("vLLM warm-up: %d synthetic pages in %.1f s", n, time.perf_counter() - t0)
 
+    def _core_client(self) -> Any:
+        return getattr(getattr(self._llm, "llm_engine", None), "engine_core", None)
+
+    def _core_dead(self) -> bool:
+        """vLLM's client flags a dead engine-core process (its monitor thread sees it exit)."""
+        res = getattr(self._core_client(), "resources", None)
+        return bool(getattr(res, "engine_dead", False))
+
+    def _wake_feeding_thread(self) -> None:
+        """vLLM 0.26's synchronous client does not wake a ``step()`` that waits for outputs when
+        its engine core dies (the output thread exits without queueing an error; the async client
+        does queue one). Seen on the GPU machine: a killed engine core left the run waiting for
+        pages with the feeding thread blocked for good. Queue the error it would have raised."""
+        q = getattr(self._core_client(), "outputs_queue", None)
+        if q is not None:
+            with contextlib.suppress(Exception):
+                q.put_nowait(RuntimeError("vLLM engine core process died"))
+
     def close(self) -> None:
         self._stop.set()
         self._inbox.put(None)
+        if self._core_dead():
+            self._wake_feeding_thread()
         if self._thread is not None:
             self._thread.join(timeout=30)
         self._thread = None
@@ -359,6 +380,9 @@ class VllmEngine:
                     self._pending.pop(o.request_id, None)
         elif self._dead is not None:
             raise EngineDied(f"vLLM engine died: {self._dead!r}")
+        elif self._core_dead():
+            self._wake_feeding_thread()
+            raise EngineDied("vLLM engine core process died (exited unexpectedly)")
         return out
 
     def pending(self) -> int:
