@@ -401,9 +401,13 @@ def run(cfg: RunConfig, log_file: str, ray_options: RayOptions | None = None) ->
     docs = docs_from_rels(list(cfg.inputs))
     extra: dict[str, object] = {}
     if cfg.num_shards > 1:
-        from runner.shard import page_counts, select_shard, shard_balance
+        from runner.shard import ScanUnavailable, page_counts, select_shard, shard_balance
 
-        counts = page_counts(inputs, [d.rel for d in docs], output_storage=outputs)
+        try:
+            counts = page_counts(inputs, [d.rel for d in docs], output_storage=outputs)
+        except ScanUnavailable as e:  # no deterministic partition without page counts: stop
+            log.error("cannot pick this shard's PDFs: %s", e)
+            return EXIT_FAILED
         chosen = set(select_shard([d.rel for d in docs], counts, cfg.num_shards, cfg.shard_index))
         extra["shard_balance"] = shard_balance([d.rel for d in docs], counts, cfg.num_shards)
         docs = [d for d in docs if d.rel in chosen]

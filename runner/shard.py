@@ -105,16 +105,26 @@ def shard_balance(rels: list[str], counts: dict[str, int], num_shards: int) -> d
 
 # The scan runs in a child interpreter (``python -c``, nothing imported from this package, paths
 # on stdin) so it works however the parent was started, and a hostile file that hangs or blows
-# the memory cap kills only the child. One line of output per input: its page count.
+# the memory cap kills only the child. The child imports PyMuPDF first and only then caps its
+# address space at what it already uses + the limit (the cap is for the files, not for whatever
+# the environment loads at start-up), then says ``ready``; then one line per input: its page count.
 _SCAN_CHILD = """
 import resource, sys
-lim = int(sys.argv[1]) * 1024 * 1024
-try:
-    resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
-except (ValueError, OSError):
-    pass
 import pymupdf
 pymupdf.TOOLS.mupdf_display_errors(False)
+lim = int(sys.argv[1]) * 1024 * 1024
+if lim > 0:
+    try:
+        with open("/proc/self/statm") as f:
+            used = int(f.read().split()[0]) * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        used = 0
+    try:
+        resource.setrlimit(resource.RLIMIT_AS, (used + lim, used + lim))
+    except (ValueError, OSError):
+        pass
+sys.stdout.write("ready\\n")
+sys.stdout.flush()
 for line in sys.stdin:
     path = line.rstrip("\\n")
     try:
@@ -125,25 +135,53 @@ for line in sys.stdin:
     sys.stdout.write(f"{n}\\n")
     sys.stdout.flush()
 """
+SCAN_STARTUP_S = 120.0  # a cold interpreter + PyMuPDF import on a busy machine
 
 
-def count_pages(path: str) -> int:
-    """Pages in the PDF at ``path``; 0 when it cannot be opened (broken, encrypted, not a PDF).
-    In-process: only for trusted files (tests); the scan uses ``_scan_paths``."""
-    import pymupdf
+class ScanUnavailable(RuntimeError):
+    """The page-count child cannot start at all (an environment problem, not a file's fault)."""
 
+
+def _start_scanner(memory_mb: int) -> tuple[subprocess.Popen[str], Any]:
+    """A scan child that has said ``ready``; raises ``ScanUnavailable`` with its stderr if not."""
+    import tempfile
+
+    err = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (returned: it lives as long as the child)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SCAN_CHILD, str(memory_mb)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=err,
+        text=True,
+    )
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
     try:
-        with pymupdf.open(path) as doc:
-            return int(doc.page_count)
-    except Exception:
-        return 0
+        line = proc.stdout.readline() if sel.select(timeout=SCAN_STARTUP_S) else ""
+    finally:
+        sel.close()
+    if line.strip() == "ready":
+        return proc, err
+    proc.kill()
+    proc.wait()
+    err.seek(0)
+    tail = err.read()[-600:].strip()
+    err.close()
+    raise ScanUnavailable(
+        f"page-count scanner did not start (rc {proc.returncode}, memory cap {memory_mb} MB): "
+        f"{tail or 'no output'}"
+    )
 
 
 def _scan_paths(
     paths: Sequence[str], timeout_s: float = SCAN_TIMEOUT_S, memory_mb: int = SCAN_MEMORY_MB
 ) -> list[int]:
     """Page count of each path, counted in a sandboxed child. A file that takes longer than
-    ``timeout_s`` or kills the child (memory cap, crash) counts 0; a new child takes the rest."""
+    ``timeout_s`` or kills the child (memory cap, crash) counts 0; a new child takes the rest.
+    A child that cannot even start (seen on a GPU machine: SIGABRT before reading any file) is not
+    a file's fault: the scan retries once without the memory cap, then raises ``ScanUnavailable``
+    (a count of 0 for every file would silently unbalance, or with a cache, mis-partition shards)."""
     if any("\n" in p for p in paths):  # the child reads one path per line
         safe = [i for i, p in enumerate(paths) if "\n" not in p]
         counted = dict(zip(safe, _scan_paths([paths[i] for i in safe], timeout_s, memory_mb), strict=True))
@@ -151,13 +189,14 @@ def _scan_paths(
     results: list[int] = []
     while len(results) < len(paths):
         rest = paths[len(results) :]
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _SCAN_CHILD, str(memory_mb)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
+        try:
+            proc, err = _start_scanner(memory_mb)
+        except ScanUnavailable as e:
+            if memory_mb <= 0:
+                raise
+            log.warning("%s; scanning without the memory cap", e)
+            memory_mb = 0
+            proc, err = _start_scanner(memory_mb)
         assert proc.stdin is not None and proc.stdout is not None
         try:
             proc.stdin.write("".join(p + "\n" for p in rest))
@@ -168,15 +207,14 @@ def _scan_paths(
         sel.register(proc.stdout, selectors.EVENT_READ)
         try:
             for path in rest:
-                # The first file also pays for the child's start-up and the pymupdf import.
-                if not sel.select(timeout=timeout_s + (10.0 if path is rest[0] else 0.0)):
+                if not sel.select(timeout=timeout_s):
                     log.warning("page count of %s timed out after %.0fs; counted as 0", path, timeout_s)
                     results.append(0)
                     break
                 line = proc.stdout.readline()
                 if not line:
                     log.warning(
-                        "page count of %s killed its scanner (rc %s); counted as 0", path, proc.poll()
+                        "page count of %s killed its scanner (rc %s); counted as 0", path, proc.wait()
                     )
                     results.append(0)
                     break
@@ -186,6 +224,7 @@ def _scan_paths(
             proc.kill()
             proc.wait()
             proc.stdout.close()
+            err.close()
     return results
 
 

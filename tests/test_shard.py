@@ -126,3 +126,58 @@ def test_page_count_scan_times_out_on_a_stuck_file_and_goes_on(tmp_path: Path) -
     os.mkfifo(fifo)  # opening a FIFO with no writer blocks forever: a stand-in for a hanging parse
     got = _scan_paths([str(tmp_path / "a.pdf"), str(fifo), str(tmp_path / "c.pdf")], timeout_s=3.0)
     assert got == [2, 0, 4]
+
+
+def test_scanner_that_cannot_start_with_the_cap_retries_without_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """GPU session 3 (nvidia-h200-x2): every scan child died with SIGABRT before reading a file,
+    each file counted 0 after ~10 s, and the 2-GPU run spent its time budget scanning. A child
+    that cannot start is an environment problem: retry without the cap, say why."""
+    import runner.shard as sh
+
+    _make_pdf(tmp_path / "a.pdf", 3)
+    _make_pdf(tmp_path / "b.pdf", 5)
+    # a child that aborts at start-up whenever a memory cap is asked for
+    failing = (
+        "import os, sys\nif int(sys.argv[1]) > 0:\n    sys.stderr.write('boom at start-up')\n    os.abort()\n"
+    )
+    monkeypatch.setattr(sh, "_SCAN_CHILD", failing + sh._SCAN_CHILD)
+    with caplog.at_level("WARNING", logger="runner.shard"):
+        got = sh._scan_paths([str(tmp_path / "a.pdf"), str(tmp_path / "b.pdf")], timeout_s=30.0)
+    assert got == [3, 5]
+    msgs = " ".join(r.getMessage() for r in caplog.records)
+    assert "did not start" in msgs and "boom at start-up" in msgs and "without the memory cap" in msgs
+
+
+def test_scanner_that_never_starts_raises_instead_of_counting_zero(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import runner.shard as sh
+
+    _make_pdf(tmp_path / "a.pdf", 3)
+    monkeypatch.setattr(sh, "_SCAN_CHILD", "import sys\nsys.stderr.write('no pymupdf here')\nsys.exit(3)\n")
+    with pytest.raises(sh.ScanUnavailable, match="no pymupdf here"):
+        sh._scan_paths([str(tmp_path / "a.pdf")], timeout_s=5.0)
+
+
+def test_scan_memory_cap_still_applies_to_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cap is set after the PyMuPDF import, on top of what the child already uses: a file whose
+    parse needs more than the cap kills the child (counted 0), the next file gets a new child."""
+    import runner.shard as sh
+
+    _make_pdf(tmp_path / "a.pdf", 2)
+    _make_pdf(tmp_path / "c.pdf", 4)
+    hog = tmp_path / "hog.pdf"
+    hog.write_bytes(b"%PDF-1.4 hog")
+    # stand-in for a parse that allocates without bound: the child allocates for this one path
+    greedy = sh._SCAN_CHILD.replace(
+        "    try:\n        with pymupdf.open(path)",
+        "    if path.endswith('hog.pdf'):\n        blob = bytearray(64 * 1024 * 1024 * 1024)\n"
+        "    try:\n        with pymupdf.open(path)",
+    )
+    assert greedy != sh._SCAN_CHILD
+    monkeypatch.setattr(sh, "_SCAN_CHILD", greedy)
+    paths = [str(tmp_path / "a.pdf"), str(hog), str(tmp_path / "c.pdf")]
+    got = sh._scan_paths(paths, timeout_s=30.0, memory_mb=512)
+    assert got == [2, 0, 4]

@@ -23,13 +23,14 @@ smoke() {  # model mode [extra CLI flags]
 }
 restart_test() {  # kill the engine core mid-run; the CLI must restart it and account for every page (issue 6)
   log "restart_test (GPU ${RT_GPU:-0})"
+  rm -rf /tmp/rt.log /tmp/rt.out /tmp/rt_out /tmp/rt_in  # a log left by an earlier run must not be read as this one's "ready"
   python3 -c "import sys; sys.path.insert(0,'.'); from tools.bench import make_pdfs; from pathlib import Path; make_pdfs(Path('/tmp/rt_in'), ${RT_PAGES:-96}, 24)"
   CUDA_VISIBLE_DEVICES=${RT_GPU:-0} timeout -k 10 ${RT_TO:-330} python3 run_pdf_ocr_vllm.py --input-dir /tmp/rt_in --output-dir /tmp/rt_out --engine vllm --model $M/deepseek-ocr \
-    --load-format dummy --ignore-eos --max-tokens ${RT_TOKENS:-600} --max-num-seqs 64 --retries 0 --no-large-pass --progress log \
+    --load-format dummy --ignore-eos --max-tokens ${RT_TOKENS:-1000} --max-num-seqs 64 --retries 0 --no-large-pass --progress log \
     --log-file /tmp/rt.log > /tmp/rt.out 2>&1 &
   local cli=$!
   for i in $(seq 1 240); do grep -q "engine ready" /tmp/rt.log 2>/dev/null && break; sleep 1; done
-  sleep ${RT_KILL_AFTER:-4}
+  sleep ${RT_KILL_AFTER:-2}
   # The engine core is a grandchild (timeout -> CLI -> EngineCore): search all descendants.
   local ec=$(ps -e -o pid=,ppid=,args= | awk -v root=$cli '{pid[$1]=$2; args[$1]=$0} END {for (p in pid) {q=p; while (q in pid && q!=root) q=pid[q]; if (q==root && args[p] ~ /EngineCore/ && args[p] !~ /awk/) print p}}' | head -1)
   echo "CLI pid $cli, killing engine core pid $ec at $(date -u +%T)"; ps -e -o pid,ppid,args | grep -i "[E]ngineCore\|[r]un_pdf_ocr" | cut -c1-100
