@@ -140,6 +140,15 @@ def build_parser(default_engine: str = "vllm") -> argparse.ArgumentParser:
         help="tokens per engine step (vLLM; smaller = smaller activation peak)",
     )
     en.add_argument("--max-tokens", type=int, default=d.max_tokens)
+    en.add_argument(
+        "--vllm-arg",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="another vllm.LLM argument, repeatable; VALUE is JSON when it parses, else text "
+        "(e.g. enable_prefix_caching=false, jit_monitor_verbose=true, "
+        "enable_logging_iteration_details=true)",
+    )
     en.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size)
     en.add_argument("--mm-encoder-tp-mode", choices=("weights", "data"))
     en.add_argument("--seed", type=int, default=d.seed)
@@ -187,6 +196,13 @@ def discover_inputs(args: argparse.Namespace) -> tuple[str, list[str]]:
     raise ConfigError("give --input-dir or --input-list")
 
 
+def _name_value(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise ConfigError(f"--vllm-arg {text!r}: expected NAME=VALUE")
+    return name.strip(), value
+
+
 def config_from_args(args: argparse.Namespace, inputs: tuple[str, ...], root: str) -> RunConfig:
     temps = tuple(float(t) for t in _split(args.retry_temperatures))[: max(0, args.retries)]
     if args.retries > len(temps) and temps:
@@ -201,6 +217,7 @@ def config_from_args(args: argparse.Namespace, inputs: tuple[str, ...], root: st
         max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        vllm_args=tuple(_name_value(x) for x in args.vllm_arg),
         max_tokens=args.max_tokens,
         tensor_parallel_size=args.tensor_parallel_size,
         mm_encoder_tp_mode=args.mm_encoder_tp_mode,

@@ -41,6 +41,9 @@ class EngineConfig:
     hf_batch_size: int = 4
     device: str | None = None  # Transformers engine device ("cuda", "cpu"); None = auto
     warmup_pages: int = -1  # vLLM warm-up batch before timing starts; -1 = min(max_num_seqs, 512)
+    #: more ``vllm.LLM`` keyword arguments, as (name, value text); the text is JSON when it parses
+    #: (``--vllm-arg enable_prefix_caching=false``), else a string. Applied last; dicts are merged.
+    vllm_args: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not 0.01 <= self.gpu_memory_utilization <= 1.0:
@@ -58,6 +61,9 @@ class EngineConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         if self.ngram_window < self.ngram_size:
             raise ConfigError("--ngram-window must be >= --ngram-size")
+        for name, _ in self.vllm_args:
+            if not name.isidentifier():
+                raise ConfigError(f"--vllm-arg {name!r}: expected NAME=VALUE with a vllm.LLM argument name")
         if self.kv_cache_dtype not in ("auto", "fp8", "fp8_e4m3", "fp8_e5m2", "bfloat16"):
             raise ConfigError(f"--kv-cache-dtype {self.kv_cache_dtype!r} is not supported")
         if self.profile not in ("auto", "default", "low-vram"):

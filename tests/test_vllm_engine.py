@@ -78,6 +78,45 @@ def test_engine_kwargs_follow_engine_config() -> None:
     assert (ROOT / (mod.replace(".", "/") + ".py")).is_file() and cls
 
 
+def test_vllm_args_pass_through_last_with_dicts_merged() -> None:
+    from runner.cli import build_parser, config_from_args
+    from runner.config import ConfigError
+    from runner.engines.vllm_engine import engine_kwargs
+
+    args = build_parser().parse_args(
+        [
+            "--input-dir",
+            str(ROOT / "tests"),
+            "--output-dir",
+            "/tmp/x",
+            "--max-num-seqs",
+            "1024",
+            "--vllm-arg",
+            "enable_prefix_caching=false",
+            "--vllm-arg",
+            'compilation_config={"cudagraph_mode": "PIECEWISE"}',
+            "--vllm-arg",
+            "tokenizer_mode=slow",
+            "--vllm-arg",
+            "max_num_seqs=256",
+        ]
+    )
+    ec = config_from_args(args, (), str(ROOT / "tests")).engine_config
+    kw = engine_kwargs(ec, "/m", guard=True)
+    assert kw["enable_prefix_caching"] is False and kw["tokenizer_mode"] == "slow"
+    assert kw["max_num_seqs"] == 256  # applied last: the user's word wins
+    # merged with what the runner sets (capture size for >512 sequences), not replacing it
+    assert kw["compilation_config"] == {"max_cudagraph_capture_size": 1024, "cudagraph_mode": "PIECEWISE"}
+    with pytest.raises(ConfigError, match="NAME=VALUE"):
+        config_from_args(
+            build_parser().parse_args(["--input-dir", ".", "--output-dir", "/tmp/x", "--vllm-arg", "oops"]),
+            (),
+            ".",
+        )
+    with pytest.raises(ConfigError, match=r"vllm\.LLM argument name"):
+        EngineConfig(vllm_args=(("not a name", "1"),))
+
+
 def test_adapter_for_model_reads_local_config(tmp_path: Path) -> None:
     from runner.engines.vllm_engine import adapter_for_model, view_spec
 

@@ -76,6 +76,11 @@ for step in "$@"; do
             --max-num-seqs ${SEQS:-64} --retries 0 --no-large-pass --progress log --render-workers 12 --force \
             --log-file "$OUT/diag_run.log" > "$OUT/diag.out" 2>&1; echo "diag rc=$?"; tail -40 "$OUT/diag.out" | cut -c1-300
           python3 tmp_pdf_runs/smoke_check.py /tmp/dg_in /tmp/dg_out ;;
+    jitdiag) for r in 1 2; do log "jitdiag run $r (JIT compiles during the run, per-step details; run 2 has the Triton disk cache of run 1)"
+          timeout -k 10 ${JDTO:-280} python3 tools/bench.py --model-dir $M/deepseek-ocr --pages ${PAGES:-512} --max-num-seqs ${SEQS:-512} --baseline off --product cli \
+            --work-dir /tmp/jd$r --jsonl "$OUT/benchmarks.jsonl" --tag jitdiag-$r --cli-extra --vllm-arg jit_monitor_verbose=true --vllm-arg enable_logging_iteration_details=true 2>&1 | tail -1 | cut -c1-600
+          echo "JIT events during the run: $(grep -c 'JIT compilation during inference' /tmp/jd$r/product.log)"; grep 'JIT compilation during inference' /tmp/jd$r/product.log | sed 's/.*inference: //' | sort | uniq -c | head
+          gzip -c /tmp/jd$r/product.log > "$OUT/jitdiag_$r.log.gz"; done ;;
     encab) for e in 0 1; do log "encab RUNNER_BATCHED_ENCODER=$e"   # batched vision encoder A/B (two engines, same pages)
           RUNNER_BATCHED_ENCODER=$e timeout -k 10 ${EABTO:-280} python3 tools/bench.py --model-dir $M/${EMODEL:-deepseek-ocr} --pages ${PAGES:-512} --max-num-seqs ${SEQS:-512} \
             --baseline off --product engine --work-dir /tmp/benc$e --jsonl "$OUT/benchmarks.jsonl" --tag encoder-batched-$e 2>&1 | tail -1 | cut -c1-400; done ;;

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib.util
+import json
 import logging
 import os
 import queue
@@ -67,8 +68,6 @@ def vllm_unavailable_reason() -> str | None:
 
 def adapter_for_model(model: str) -> ModelAdapter:
     """The adapter for ``--model`` without downloading anything (local config.json, or hub id)."""
-    import json
-
     from runner.adapters import ADAPTERS
 
     cfg = Path(model).expanduser() / "config.json"
@@ -126,6 +125,14 @@ def engine_kwargs(ec: EngineConfig, model_path: str, guard: bool) -> dict[str, A
         kw["cpu_offload_gb"] = ec.cpu_offload_gb
     if guard:
         kw["logits_processors"] = [GUARD_FQCN]
+    for name, text in ec.vllm_args:
+        try:
+            value: Any = json.loads(text)
+        except ValueError:
+            value = text
+        if isinstance(value, dict) and isinstance(kw.get(name), dict):
+            value = {**kw[name], **value}
+        kw[name] = value
     return kw
 
 
