@@ -429,3 +429,24 @@ def test_vllm_plugin_entry_point_is_installed_and_can_be_turned_off(monkeypatch:
     monkeypatch.delitem(sys.modules, "runner.vllm_plugin.fast_processor", raising=False)
     fn()  # off: returns without importing vLLM
     assert "runner.vllm_plugin.fast_processor" not in sys.modules
+
+
+def test_switch_interval_default_and_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from runner.engines.vllm_engine import _set_switch_interval
+
+    before = sys.getswitchinterval()
+    try:
+        monkeypatch.delenv("RUNNER_SWITCH_INTERVAL_MS", raising=False)
+        _set_switch_interval()
+        assert sys.getswitchinterval() == pytest.approx(0.001)
+        monkeypatch.setenv("RUNNER_SWITCH_INTERVAL_MS", "0.5")
+        _set_switch_interval()
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        sys.setswitchinterval(0.005)
+        monkeypatch.setenv("RUNNER_SWITCH_INTERVAL_MS", "0")  # leave the interpreter's setting
+        _set_switch_interval()
+        assert sys.getswitchinterval() == pytest.approx(0.005)
+    finally:
+        sys.setswitchinterval(before)
