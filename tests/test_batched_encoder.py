@@ -250,3 +250,31 @@ def test_a_tiled_page_whose_crops_sum_to_zero_loses_its_local_features_as_upstre
     assert got[1].shape[0] < want[0].shape[0]  # global view + separator only
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["ocr", "ocr2"])
+def test_later_steps_never_encode_more_pages_at_once_than_the_profiling_call(
+    model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM profiles activation memory with its first encoder call (K pages of the largest size);
+    a later step of more, smaller pages (low-VRAM: 7 Base pages against 2 profiled) is encoded at
+    most K pages at a time, with the same result as the per-page loop."""
+    torch.manual_seed(2)
+    up1, up2 = _upstream_classes()
+    ref_cls, new_cls = (up1, Batched1) if model == "ocr" else (up2, Batched2)
+    ref, new = ref_cls(), new_cls()
+    new.load_state_dict(ref.state_dict())
+    sizes: list[int] = []
+    orig = new.sam_model.forward
+    monkeypatch.setattr(new.sam_model, "forward", lambda x: sizes.append(x.shape[0]) or orig(x))
+    with torch.no_grad():
+        new._pixel_values_to_embedding(*_inputs([(2, 2), (1, 1)]))  # the profiling call: 2 pages
+        sizes.clear()
+        g, c, s = _inputs([(2, 3), (1, 1), (3, 2), (2, 2), (1, 1), (2, 1), (1, 1)])
+        want = ref._pixel_values_to_embedding(g, c, s)
+        got = new._pixel_values_to_embedding(g, c, s)
+    # 7 pages in groups of 2, 2, 2, 1: globals and crops of each group (6+0, 6+4, 0+2, 0)
+    assert sizes == [2, 6, 2, 10, 2, 2, 1]
+    assert len(got) == len(want) == 7
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -9,7 +9,10 @@ their ~10^4 kernel launches. Measured on the H100 (GPU session 2, run logs): pre
 
 Here the global views of all pages go through the encoder together, then all crops together (in
 chunks of ``RUNNER_ENCODER_BATCH`` images, default 32, to bound activation memory), with two host
-syncs for the whole step, both before the encoder is queued; the per-page assembly (tile grid,
+syncs for the whole step, both before the encoder is queued. A step never encodes more pages at
+once than vLLM's memory-profiling call did (its first call), so the activation peak stays inside
+the budget vLLM measured (GPU session 3: a low-VRAM step held 7 Base pages against 2 profiled, and
+the device peaked ~2.4 GiB over the budget). The per-page assembly (tile grid,
 newline column, view separator) is upstream's. Same math per image; only the batching differs
 (so bf16 results may differ from the per-page loop in the last bits, as between any two batch
 sizes). ``RUNNER_BATCHED_ENCODER=0`` keeps upstream's loop.
@@ -71,10 +74,24 @@ class _BatchedEncoderMixin:
         n = images_spatial_crop.size(0)
         if n == 0:
             return []
-        global _announced
-        if not _announced:  # proof, in the engine core's log, that this code is the one running
-            _announced = True
-            log.info("batched vision encoder active (%s): %d page(s) in this step", type(self).__name__, n)
+        cap = getattr(self, "_runner_pages_cap", None)
+        if cap is None:
+            # The first call is vLLM's memory profiling run ("profiled with K image items of the
+            # maximum feature size"): its K pages at once are what the activation budget covers.
+            # Later steps can hold more, smaller pages (low-VRAM: Base pages of 273 tokens, 7 in
+            # a 2k-token step, against 2 profiled): encode them at most K pages at a time.
+            cap = self._runner_pages_cap = max(1, n)
+            global _announced
+            if not _announced:  # proof, in the engine core's log, that this code is the one running
+                _announced = True
+                log.info(
+                    "batched vision encoder active (%s): %d page(s) in the first (profiling) call; "
+                    "at most that many pages per encoder call",
+                    type(self).__name__,
+                    n,
+                )
+        if n > cap:
+            return self._in_groups(pixel_values, images_crop, images_spatial_crop, cap)
         # The tile grids on the host once: upstream reads them with .item() per page, a host sync
         # each time, and its grid assembly (_finish_local) does so on what it is given.
         spatial = images_spatial_crop.cpu()
@@ -102,6 +119,28 @@ class _BatchedEncoderMixin:
                 out.append(torch.cat([loc, g, sep], dim=0))
             else:
                 out.append(torch.cat([g, sep], dim=0))
+        return out
+
+    def _in_groups(
+        self,
+        pixel_values: torch.Tensor,
+        images_crop: torch.Tensor,
+        images_spatial_crop: torch.Tensor,
+        cap: int,
+    ) -> list[torch.Tensor]:
+        n = images_spatial_crop.size(0)
+        spatial = images_spatial_crop.cpu()
+        is_tiled = (spatial[:, 0] > 1) | (spatial[:, 1] > 1)
+        counts = torch.where(is_tiled, spatial.prod(dim=-1), 0).tolist()
+        out: list[torch.Tensor] = []
+        start_crop = 0
+        for a in range(0, n, cap):
+            b = min(n, a + cap)
+            k = sum(counts[a:b])
+            out += self._pixel_values_to_embedding(
+                pixel_values[a:b], images_crop[start_crop : start_crop + k], images_spatial_crop[a:b]
+            )
+            start_crop += k
         return out
 
 
