@@ -406,6 +406,7 @@ def _strip_option(argv: list[str], name: str) -> list[str]:
 
 def run(cfg: RunConfig, log_file: str, ray_options: RayOptions | None = None) -> int:
     from runner.engines import EngineUnavailable, create_engine
+    from runner.engines.base import EngineDied
     from runner.naming import docs_from_rels
     from runner.pipeline import Pipeline
     from runner.progress import Progress
@@ -460,6 +461,10 @@ def run(cfg: RunConfig, log_file: str, ray_options: RayOptions | None = None) ->
     except EngineUnavailable as e:
         progress.close()
         log.error("%s", e)
+        return EXIT_ENGINE
+    except EngineDied as e:  # died while starting (e.g. out of GPU memory in the warm-up batch)
+        progress.close()
+        log.error("the engine did not start: %s; no page was processed, a rerun starts them", e)
         return EXIT_ENGINE
     finally:
         progress.close()

@@ -130,3 +130,32 @@ def test_abbreviated_password_option_is_refused(tmp_path):
         ]
     )
     assert code == EXIT_USAGE
+
+
+def test_engine_that_dies_while_starting_is_a_clear_engine_error(tmp_path, monkeypatch, caplog):
+    """E.g. the warm-up batch runs out of GPU memory and vLLM's engine core dies: exit code 3 and
+    one clear line, not a traceback; no output is written, so a rerun starts the PDFs again."""
+    from fakes import FakeEngine
+
+    import runner.engines as engines
+    from runner.engines.base import EngineDied
+
+    class DiesAtStart(FakeEngine):
+        def start(self) -> None:
+            raise EngineDied("vLLM engine core process died during warm-up: CUDA out of memory")
+
+    monkeypatch.setattr(engines, "create_engine", lambda cfg: DiesAtStart())
+    pdfgen.text_pdf(tmp_path / "in" / "a.pdf", pages=2)
+    rc = main(
+        [
+            "--input-dir",
+            str(tmp_path / "in"),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--log-file",
+            str(tmp_path / "l.log"),
+        ]
+    )
+    assert rc == EXIT_ENGINE
+    assert "the engine did not start" in caplog.text and "out of memory" in caplog.text
+    assert not (tmp_path / "out" / "a.md").exists() and not (tmp_path / "out" / "a.done").exists()

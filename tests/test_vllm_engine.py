@@ -450,3 +450,21 @@ def test_switch_interval_default_and_override(monkeypatch: pytest.MonkeyPatch) -
         assert sys.getswitchinterval() == pytest.approx(0.005)
     finally:
         sys.setswitchinterval(before)
+
+
+def test_warmup_raises_when_the_engine_core_dies_instead_of_hanging(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from runner.engines.base import EngineDied
+
+    eng, _ = _fake_engine(tmp_path, monkeypatch)
+    eng._stop.set()
+    fake = _HangingOnDeathLLMEngine()
+    eng._llm = type("L", (), {"llm_engine": fake})()
+    fake.add_request("w0", {"multi_modal_data": {}, "multi_modal_uuids": {}}, None)
+    fake.killed = True  # the first real batch killed the core: step() now waits for good
+    threading.Timer(0.3, lambda: setattr(fake.engine_core.resources, "engine_dead", True)).start()
+    with pytest.raises(EngineDied, match="during warm-up"):
+        eng._step_until_idle(fake, check_s=0.05)

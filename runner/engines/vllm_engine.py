@@ -327,9 +327,33 @@ class VllmEngine:
                 },
                 params,
             )
-        while engine.has_unfinished_requests():
-            engine.step()
+        self._step_until_idle(engine)
         log.info("vLLM warm-up: %d synthetic pages in %.1f s", n, time.perf_counter() - t0)
+
+    def _step_until_idle(self, engine: Any, check_s: float = 0.5) -> None:
+        """Step ``engine`` until it has nothing left; raise ``EngineDied`` if its core process dies
+        meanwhile (a first real batch that runs out of GPU memory kills it; vLLM 0.26's client
+        would leave ``step()`` waiting for good: a watcher wakes it)."""
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.wait(check_s):
+                if self._core_dead():
+                    self._wake_feeding_thread()
+                    return
+
+        watcher = threading.Thread(target=watch, name="vllm-warmup-watch", daemon=True)
+        watcher.start()
+        try:
+            while engine.has_unfinished_requests():
+                try:
+                    engine.step()
+                except Exception as e:
+                    if self._core_dead():
+                        raise EngineDied(f"vLLM engine core process died during warm-up: {e!r}") from e
+                    raise
+        finally:
+            done.set()
 
     def _core_client(self) -> Any:
         return getattr(getattr(self._llm, "llm_engine", None), "engine_core", None)
