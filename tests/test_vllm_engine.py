@@ -468,3 +468,23 @@ def test_warmup_raises_when_the_engine_core_dies_instead_of_hanging(
     threading.Timer(0.3, lambda: setattr(fake.engine_core.resources, "engine_dead", True)).start()
     with pytest.raises(EngineDied, match="during warm-up"):
         eng._step_until_idle(fake, check_s=0.05)
+
+
+def test_warmup_plan_covers_the_step_shapes_of_a_real_run() -> None:
+    """Session 3: 512 identical warm-up pages with 16 tokens each only ever made steps whose
+    token counts are multiples of 16; a real run's are not, and Triton compiles its MoE kernel per
+    such shape class. The plan mixes prompt lengths, output lengths and arrival times."""
+    from runner.engines.vllm_engine import warmup_plan
+    from runner.vllm_plugin.preprocess import num_image_tokens, tile_grid
+
+    plan = warmup_plan(512, "large")
+    assert len(plan) == 512 + 8
+    main = [it for it in plan if it.resolution is None]
+    tokens = {num_image_tokens(GUNDAM, tile_grid(*it.size, GUNDAM)) for it in main}
+    assert len(tokens) >= 3 and any(t % 16 for t in tokens)  # several prompt lengths, not all /16
+    lengths = {it.max_tokens for it in plan}
+    assert min(lengths) == 16 and len(lengths) >= 10  # the decode batch shrinks step by step
+    late = sum(it.late for it in main)
+    assert 100 < late < 256  # a third arrives while the rest decode
+    assert sum(1 for it in plan if it.resolution == "large") == 8
+    assert warmup_plan(4) == warmup_plan(4, None) and len(warmup_plan(4, "large")) == 4  # tiny engines

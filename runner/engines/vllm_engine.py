@@ -22,6 +22,7 @@ at once on machines that cannot run vLLM.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import importlib.util
 import json
@@ -64,6 +65,36 @@ def vllm_unavailable_reason() -> str | None:
     ):
         return f"no NVIDIA GPU/driver found on this machine: {INSTALL_HINT}"
     return None
+
+
+#: page sizes of the warm-up: A4 portrait and landscape (3x2 / 2x3 tile grids), a square page
+#: (2x2), a small Letter page at 72 dpi (no tiles): different vision-token counts per page
+WARMUP_PAGE_SIZES: tuple[tuple[int, int], ...] = ((1190, 1684), (1684, 1190), (1400, 1400), (612, 792))
+WARMUP_STEPS_BEFORE_LATE = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmupItem:
+    size: tuple[int, int]
+    resolution: str | None  # None: the engine's resolution
+    max_tokens: int
+    late: bool  # added after the first steps, while the others decode
+
+
+def warmup_plan(n: int, large_resolution: str | None = None) -> list[WarmupItem]:
+    """``n`` synthetic pages (plus 8 at the Large resolution when there is one) whose steps take
+    the token counts of a real run: several page shapes (different prompt lengths), output
+    lengths 16-32 (the decode batch shrinks through many sizes), a third added while the rest
+    decode (mixed prefill + decode steps). Kernels JIT-compiled per shape (Triton's MoE kernel
+    specialises on sizes divisible by 16) then compile here, not in the first real pages."""
+    first = max(1, (2 * n) // 3)
+    items = [
+        WarmupItem(WARMUP_PAGE_SIZES[i % len(WARMUP_PAGE_SIZES)], None, 16 + (i * 7) % 17, i >= first)
+        for i in range(n)
+    ]
+    if large_resolution and n >= 8:
+        items += [WarmupItem(WARMUP_PAGE_SIZES[j % 2], large_resolution, 16 + j, True) for j in range(8)]
+    return items
 
 
 SWITCH_INTERVAL_MS = 1.0
@@ -291,7 +322,9 @@ class VllmEngine:
 
         Measured on an H100 (GPU_NOTES.md): the first real batch ran 3x slower than later ones
         (Triton JIT of the MoE kernel for shapes vLLM's own warm-up does not cover, first encoder
-        batches). Paying that here keeps it out of the pages' time; it is start-up time.
+        batches). Paying that here keeps it out of the pages' time; it is start-up time. The plan
+        (``warmup_plan``) varies page shapes, output lengths and arrival so that the steps take
+        the token counts a real run takes (session 3: identical pages gave only multiples of 16).
         """
         n = int(getattr(self.ec, "warmup_pages", -1))
         if n < 0:
@@ -306,31 +339,46 @@ class VllmEngine:
         from runner.vllm_plugin.preprocess import prepare_image
 
         t0 = time.perf_counter()
-        prepared = prepare_image(Image.new("RGB", (1190, 1684), "white"), self.spec)
-        mm = prepared_to_mm_data(prepared)
-        params = SamplingParams(
-            temperature=0.0,
-            max_tokens=16,
-            ignore_eos=True,
-            detokenize=False,
-            output_kind=RequestOutputKind.FINAL_ONLY,
-            extra_args=dict(self._guard_args) if self._guard_args else None,
-        )
+        plan = warmup_plan(n, self.large_resolution)
+        mm: dict[tuple[tuple[int, int], str | None], Any] = {}
+        params: dict[int, Any] = {}
+        for it in plan:
+            if (it.size, it.resolution) not in mm:
+                spec = self.spec if it.resolution is None else view_spec(self.adapter, it.resolution)
+                mm[(it.size, it.resolution)] = prepared_to_mm_data(
+                    prepare_image(Image.new("RGB", it.size, "white"), spec)
+                )
+            if it.max_tokens not in params:
+                params[it.max_tokens] = SamplingParams(
+                    temperature=0.0,
+                    max_tokens=it.max_tokens,
+                    ignore_eos=True,
+                    detokenize=False,
+                    output_kind=RequestOutputKind.FINAL_ONLY,
+                    extra_args=dict(self._guard_args) if self._guard_args else None,
+                )
         engine = self._llm.llm_engine
-        for i in range(n):
-            engine.add_request(
-                f"warmup-{i}",
-                {
-                    "prompt": self.adapter.prompt("clean"),
-                    "multi_modal_data": {"image": mm},
-                    "multi_modal_uuids": {"image": [f"warmup-{i}"]},
-                },
-                params,
-            )
-        self._step_until_idle(engine)
-        log.info("vLLM warm-up: %d synthetic pages in %.1f s", n, time.perf_counter() - t0)
 
-    def _step_until_idle(self, engine: Any, check_s: float = 0.5) -> None:
+        def add(late: bool) -> None:
+            for i, it in enumerate(plan):
+                if it.late == late:
+                    engine.add_request(
+                        f"warmup-{i}",
+                        {
+                            "prompt": self.adapter.prompt("clean"),
+                            "multi_modal_data": {"image": mm[(it.size, it.resolution)]},
+                            "multi_modal_uuids": {"image": [f"warmup-{i}"]},
+                        },
+                        params[it.max_tokens],
+                    )
+
+        add(late=False)
+        self._step_until_idle(engine, max_steps=WARMUP_STEPS_BEFORE_LATE)
+        add(late=True)  # arrive while the first ones decode: mixed prefill + decode steps
+        self._step_until_idle(engine)
+        log.info("vLLM warm-up: %d synthetic pages in %.1f s", len(plan), time.perf_counter() - t0)
+
+    def _step_until_idle(self, engine: Any, check_s: float = 0.5, max_steps: int | None = None) -> None:
         """Step ``engine`` until it has nothing left; raise ``EngineDied`` if its core process dies
         meanwhile (a first real batch that runs out of GPU memory kills it; vLLM 0.26's client
         would leave ``step()`` waiting for good: a watcher wakes it)."""
@@ -345,7 +393,9 @@ class VllmEngine:
         watcher = threading.Thread(target=watch, name="vllm-warmup-watch", daemon=True)
         watcher.start()
         try:
-            while engine.has_unfinished_requests():
+            steps = 0
+            while engine.has_unfinished_requests() and (max_steps is None or steps < max_steps):
+                steps += 1
                 try:
                     engine.step()
                 except Exception as e:
