@@ -223,3 +223,18 @@ def test_make_pdfs_parallel_matches_serial(tmp_path: Path) -> None:
     c = bench.make_pdfs(tmp_path / "c", 3, per_pdf=2)
     with pymupdf.open(str(c[0])) as dc, pymupdf.open(str(a[0])) as da:
         assert [pg.get_text() for pg in dc] == [pg.get_text() for pg in da]
+
+
+def test_guard_summary_means_per_setting_and_costs_against_off() -> None:
+    # session 3's batch-256 rounds: off, device, off, device, host
+    got = bench.guard_summary(
+        ["off", "device", "off", "device", "host"], [16.119, 14.615, 16.95, 18.928, 15.165]
+    )
+    assert got["warm_mean_pages_per_s"] == {"off": 16.535, "device": 16.771, "host": 15.165}
+    assert got["noguard_pages_per_s"] == 16.535 and got["warm_guard_pages_per_s"] == 16.771
+    assert got["warm_host_guard_pages_per_s"] == 15.165
+    assert got["guard_cost_device"] == -0.014 and got["guard_cost_host"] == 0.083
+    # --guard-ab is the plan off,device,host: one round each, the costs of those rounds
+    ab = bench.guard_summary(["off", "device", "host"], [18.81, 17.38, 19.41])
+    assert ab["guard_cost_device"] == round(1 - 17.38 / 18.81, 3) and ab["guard_cost_host"] == -0.032
+    assert "noguard_pages_per_s" not in bench.guard_summary(["device"], [10.0])  # no baseline round

@@ -338,16 +338,17 @@ def child_engine(a: argparse.Namespace) -> None:
     eng.start()
     results: list[dict[str, Any]] = []
     guard_args = dict(eng._guard_args)
-    # Round 0 is the measured product run (cold, as a CLI run would be). With --guard-ab the same
-    # engine then runs the pages again, warm: guard off, guard on (device, the product's), and
-    # guard on with the host (numpy) implementation: the guard's cost and the two backends.
+    # Round 0 is the measured product run (cold, as a CLI run would be). With --guard-ab (or
+    # --guard-plan) the same engine then runs the pages again, warm: guard off, guard on (device,
+    # the product's), guard on with the host (numpy) implementation: the guard's cost and the two
+    # backends.
     host_args = {**guard_args, "guard_backend": "host"}
     plan = [("device", guard_args)]
     by_label = {"off": {}, "device": guard_args, "host": host_args}
-    if a.guard_plan:  # warm rounds in this order, e.g. off,device,off,device: the noise shows
-        plan += [(x, by_label[x]) for x in a.guard_plan.split(",")]
-    elif a.guard_ab:
-        plan += [("off", {}), ("device", guard_args), ("host", host_args)]
+    # warm rounds in this order, e.g. off,device,off,device: the noise shows; --guard-ab is one each
+    guard_plan = a.guard_plan or ("off,device,host" if a.guard_ab else "")
+    if guard_plan:
+        plan += [(x, by_label[x]) for x in guard_plan.split(",")]
     caps = [int(x) for x in a.round_caps.split(",")] if a.round_caps else []
     with RenderPool(workers=a.render_workers) as pool:
         for rnd, (label, args) in enumerate(plan + [("device", guard_args)] * len(caps)):
@@ -370,26 +371,29 @@ def child_engine(a: argparse.Namespace) -> None:
         r["round_pages_per_s"] = [round(x["pages"] / (x["t1"] - x["t0"]), 3) for x in results]
         r["round_guard"] = [x["guard"] for x in results]
         r["round_cap"] = [x["cap"] for x in results]
-    if a.guard_plan:
-        warm: dict[str, list[float]] = {}
-        for x, v in zip(r["round_guard"][1:], r["round_pages_per_s"][1:], strict=True):
-            warm.setdefault(x, []).append(v)
-        mean = {k: round(sum(v) / len(v), 3) for k, v in warm.items()}
-        r["warm_mean_pages_per_s"] = mean
-        if "off" in mean:
-            r["noguard_pages_per_s"] = mean["off"]
-            for k in ("device", "host"):
-                if k in mean:
-                    r[f"guard_cost_{k}"] = round(1 - mean[k] / mean["off"], 3)
-            if "device" in mean:
-                r["warm_guard_pages_per_s"] = mean["device"]
-    elif len(results) > 1 and a.guard_ab:
-        r["noguard_pages_per_s"] = r["round_pages_per_s"][1]
-        r["warm_guard_pages_per_s"] = r["round_pages_per_s"][2]
-        r["warm_host_guard_pages_per_s"] = r["round_pages_per_s"][3]
-        r["guard_cost_device"] = round(1 - r["warm_guard_pages_per_s"] / r["noguard_pages_per_s"], 3)
-        r["guard_cost_host"] = round(1 - r["warm_host_guard_pages_per_s"] / r["noguard_pages_per_s"], 3)
+    if guard_plan:
+        # the plan's warm rounds only: --round-caps rounds after them measure the in-flight cap
+        r.update(guard_summary(r["round_guard"][1 : len(plan)], r["round_pages_per_s"][1 : len(plan)]))
     _emit(r)
+
+
+def guard_summary(labels: list[str], rates: list[float]) -> dict[str, Any]:
+    """Mean pages/s per guard setting over warm rounds, and each guard's cost against ``off``."""
+    warm: dict[str, list[float]] = {}
+    for x, v in zip(labels, rates, strict=True):
+        warm.setdefault(x, []).append(v)
+    mean = {k: round(sum(v) / len(v), 3) for k, v in warm.items()}
+    out: dict[str, Any] = {"warm_mean_pages_per_s": mean}
+    if "off" in mean:
+        out["noguard_pages_per_s"] = mean["off"]
+        for k in ("device", "host"):
+            if k in mean:
+                out[f"guard_cost_{k}"] = round(1 - mean[k] / mean["off"], 3)
+        if "device" in mean:
+            out["warm_guard_pages_per_s"] = mean["device"]
+        if "host" in mean:
+            out["warm_host_guard_pages_per_s"] = mean["host"]
+    return out
 
 
 def _engine_round(
