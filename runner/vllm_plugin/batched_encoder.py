@@ -74,12 +74,30 @@ class _BatchedEncoderMixin:
         n = images_spatial_crop.size(0)
         if n == 0:
             return []
+        cap = self._pages_cap(n)
+        # The tile grids on the host once: upstream reads them with .item() per page, a host sync
+        # each time, and its grid assembly (_finish_local) does so on what it is given.
+        spatial = images_spatial_crop.cpu()
+        is_tiled = (spatial[:, 0] > 1) | (spatial[:, 1] > 1)
+        counts = torch.where(is_tiled, spatial.prod(dim=-1), 0).tolist()
+        out: list[torch.Tensor] = []
+        first_crop = 0
+        for a in range(0, n, cap):
+            b = min(n, a + cap)
+            k = sum(counts[a:b])
+            out += self._encode_pages(
+                pixel_values[a:b], images_crop[first_crop : first_crop + k], spatial[a:b], counts[a:b]
+            )
+            first_crop += k
+        return out
+
+    def _pages_cap(self, n: int) -> int:
+        """Pages per encoder call. The first call is vLLM's memory profiling run ("profiled with K
+        image items of the maximum feature size"): its K pages at once are what the activation
+        budget covers. Later steps can hold more, smaller pages (low-VRAM: Base pages of 273
+        tokens, 7 in a 2k-token step, against 2 profiled): they are encoded K pages at a time."""
         cap = getattr(self, "_runner_pages_cap", None)
         if cap is None:
-            # The first call is vLLM's memory profiling run ("profiled with K image items of the
-            # maximum feature size"): its K pages at once are what the activation budget covers.
-            # Later steps can hold more, smaller pages (low-VRAM: Base pages of 273 tokens, 7 in
-            # a 2k-token step, against 2 profiled): encode them at most K pages at a time.
             cap = self._runner_pages_cap = max(1, n)
             global _announced
             if not _announced:  # proof, in the engine core's log, that this code is the one running
@@ -90,13 +108,17 @@ class _BatchedEncoderMixin:
                     type(self).__name__,
                     n,
                 )
-        if n > cap:
-            return self._in_groups(pixel_values, images_crop, images_spatial_crop, cap)
-        # The tile grids on the host once: upstream reads them with .item() per page, a host sync
-        # each time, and its grid assembly (_finish_local) does so on what it is given.
-        spatial = images_spatial_crop.cpu()
-        is_tiled = (spatial[:, 0] > 1) | (spatial[:, 1] > 1)
-        counts = torch.where(is_tiled, spatial.prod(dim=-1), 0).tolist()
+        return int(cap)
+
+    def _encode_pages(
+        self,
+        pixel_values: torch.Tensor,
+        images_crop: torch.Tensor,
+        spatial: torch.Tensor,
+        counts: list[int],
+    ) -> list[torch.Tensor]:
+        """Global views of these pages in one encoder call, their crops in another."""
+        n = len(counts)
         crops = images_crop.split(counts)
         # Upstream drops a page's local features when its crops sum to zero (no crops): one sync.
         has_local = [s != 0 for s in torch.stack([c.sum() for c in crops]).tolist()]
@@ -119,28 +141,6 @@ class _BatchedEncoderMixin:
                 out.append(torch.cat([loc, g, sep], dim=0))
             else:
                 out.append(torch.cat([g, sep], dim=0))
-        return out
-
-    def _in_groups(
-        self,
-        pixel_values: torch.Tensor,
-        images_crop: torch.Tensor,
-        images_spatial_crop: torch.Tensor,
-        cap: int,
-    ) -> list[torch.Tensor]:
-        n = images_spatial_crop.size(0)
-        spatial = images_spatial_crop.cpu()
-        is_tiled = (spatial[:, 0] > 1) | (spatial[:, 1] > 1)
-        counts = torch.where(is_tiled, spatial.prod(dim=-1), 0).tolist()
-        out: list[torch.Tensor] = []
-        start_crop = 0
-        for a in range(0, n, cap):
-            b = min(n, a + cap)
-            k = sum(counts[a:b])
-            out += self._pixel_values_to_embedding(
-                pixel_values[a:b], images_crop[start_crop : start_crop + k], images_spatial_crop[a:b]
-            )
-            start_crop += k
         return out
 
 
