@@ -488,3 +488,51 @@ def test_warmup_plan_covers_the_step_shapes_of_a_real_run() -> None:
     assert 100 < late < 256  # a third arrives while the rest decode
     assert sum(1 for it in plan if it.resolution == "large") == 8
     assert warmup_plan(4) == warmup_plan(4, None) and len(warmup_plan(4, "large")) == 4  # tiny engines
+
+
+def test_profile_windows_parse_and_reject_overlaps() -> None:
+    from runner.engines.vllm_engine import parse_profile_windows
+
+    assert parse_profile_windows("5:10, 300:30") == [(5, 10), (300, 30)]
+    assert parse_profile_windows("7") == [(7, 10)]
+    for bad in ("5:10,8:2", "-1:3", "4:0"):
+        with pytest.raises(ValueError):
+            parse_profile_windows(bad)
+
+
+def test_step_profiler_windows_follow_the_feeding_threads_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RUNNER_PROFILE_DIR: the feeding thread starts and stops vLLM's profiler at the given
+    steps, and each window's kernel table is kept under its own name with its wall time."""
+    import time
+
+    calls: list[tuple[str, int]] = []
+    monkeypatch.setenv("RUNNER_PROFILE_DIR", str(tmp_path))
+    monkeypatch.setenv("RUNNER_PROFILE_STEPS", "1:2,4:1")
+    eng, fake = _fake_engine(tmp_path, monkeypatch)
+
+    def start_profile() -> None:
+        calls.append(("start", fake.steps))
+
+    def stop_profile() -> None:
+        calls.append(("stop", fake.steps))
+        (tmp_path / "profiler_out_0.txt").write_text(f"table after step {fake.steps}\n")
+
+    fake.start_profile = start_profile  # type: ignore[attr-defined]
+    fake.stop_profile = stop_profile  # type: ignore[attr-defined]
+    # requests finish after 3 steps: submit in two batches so the engine runs >= 5 steps
+    eng.submit([_req(i) for i in range(2)])
+    got: list = []
+    t0 = time.time()
+    while len(got) < 2 and time.time() - t0 < 10:
+        got += eng.poll(0.05)
+    eng.submit([_req(i) for i in range(2, 4)])
+    while len(got) < 4 and time.time() - t0 < 10:
+        got += eng.poll(0.05)
+    eng._stop.set()
+    assert calls == [("start", 1), ("stop", 3), ("start", 4), ("stop", 5)]
+    first = (tmp_path / "profile_1_2.txt").read_text()
+    assert first.startswith("table after step 3") and "window: steps 1..2, wall" in first
+    assert (tmp_path / "profile_4_1.txt").read_text().startswith("table after step 5")
+    assert not (tmp_path / "profiler_out_0.txt").exists()

@@ -81,6 +81,16 @@ for step in "$@"; do
             --work-dir /tmp/jd$r --jsonl "$OUT/benchmarks.jsonl" --tag jitdiag-$r --cli-extra --vllm-arg jit_monitor_verbose=true --vllm-arg enable_logging_iteration_details=true 2>&1 | tail -1 | cut -c1-600
           echo "JIT events during the run: $(grep -c 'JIT compilation during inference' /tmp/jd$r/product.log)"; grep 'JIT compilation during inference' /tmp/jd$r/product.log | sed 's/.*inference: //' | sort | uniq -c | head
           gzip -c /tmp/jd$r/product.log > "$OUT/jitdiag_$r.log.gz"; done ;;
+    prof) log "prof: CLI run with torch-profiler windows in the engine core (RUNNER_PROFILE_STEPS) and every JIT compile logged"
+          rm -rf /tmp/prof; mkdir -p /tmp/prof
+          RUNNER_PROFILE_DIR=/tmp/prof RUNNER_PROFILE_STEPS=${PSTEPS:-4:8,400:40,1034:40} timeout -k 10 ${PRTO:-330} python3 tools/bench.py --model-dir $M/deepseek-ocr \
+            --pages ${PAGES:-768} --max-num-seqs ${SEQS:-512} --baseline off --product cli --product-timeout ${PRTO2:-300} --work-dir /tmp/pr \
+            --jsonl "$OUT/benchmarks.jsonl" --tag prof --cli-extra --vllm-arg jit_monitor_verbose=true 2>&1 | tail -1 | cut -c1-900
+          grep -h "profiler:\|JIT compilation during inference" /tmp/pr/product.log | cut -c1-260 | head -30
+          echo "JIT events during the run: $(grep -c 'JIT compilation during inference' /tmp/pr/product.log)"
+          for f in /tmp/prof/profile_*.txt; do echo "--- $f"; head -45 "$f" | cut -c1-200; tail -3 "$f"; done
+          mkdir -p "$OUT/prof"; cp /tmp/prof/*.txt "$OUT/prof/" 2>/dev/null; gzip -c /tmp/pr/product.log > "$OUT/prof/product.log.gz"
+          ls -la /tmp/prof; for t in /tmp/prof/*.pt.trace.json.gz; do [ -f "$t" ] && [ $(stat -c %s "$t") -lt 25000000 ] && cp "$t" "$OUT/prof/"; done ;;
     encab) for e in 0 1; do log "encab RUNNER_BATCHED_ENCODER=$e"   # batched vision encoder A/B (two engines, same pages)
           RUNNER_BATCHED_ENCODER=$e timeout -k 10 ${EABTO:-280} python3 tools/bench.py --model-dir $M/${EMODEL:-deepseek-ocr} --pages ${PAGES:-512} --max-num-seqs ${SEQS:-512} \
             --baseline off --product engine --work-dir /tmp/benc$e --jsonl "$OUT/benchmarks.jsonl" --tag encoder-batched-$e 2>&1 | tail -1 | cut -c1-400; done ;;

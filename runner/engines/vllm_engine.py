@@ -177,6 +177,13 @@ def engine_kwargs(ec: EngineConfig, model_path: str, guard: bool) -> dict[str, A
         kw["cpu_offload_gb"] = ec.cpu_offload_gb
     if guard:
         kw["logits_processors"] = [GUARD_FQCN]
+    prof_dir = os.environ.get("RUNNER_PROFILE_DIR")
+    if prof_dir:  # diagnostics: torch profiler windows in the engine core (StepProfiler)
+        kw["profiler_config"] = {
+            "profiler": "torch",
+            "torch_profiler_dir": os.path.abspath(prof_dir),
+            "torch_profiler_with_stack": False,
+        }
     for name, text in ec.vllm_args:
         try:
             value: Any = json.loads(text)
@@ -186,6 +193,76 @@ def engine_kwargs(ec: EngineConfig, model_path: str, guard: bool) -> dict[str, A
             value = {**kw[name], **value}
         kw[name] = value
     return kw
+
+
+def parse_profile_windows(text: str) -> list[tuple[int, int]]:
+    """``"5:10,300:30"`` -> [(5, 10), (300, 30)]: profile 10 engine steps from step 5, then 30
+    from step 300 (steps counted from "engine ready"). Windows must not overlap."""
+    windows: list[tuple[int, int]] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        start, _, count = part.partition(":")
+        w = (int(start), int(count or 10))
+        if w[0] < 0 or w[1] < 1 or (windows and w[0] < sum(windows[-1])):
+            raise ValueError(f"bad profile window {part!r} in {text!r}")
+        windows.append(w)
+    return windows
+
+
+class StepProfiler:
+    """Torch-profiler windows over the engine core's steps (``RUNNER_PROFILE_DIR``,
+    ``RUNNER_PROFILE_STEPS``): vLLM writes the kernel table of a window to
+    ``profiler_out_0.txt``; it is renamed ``profile_<start>_<count>.txt`` with the window's wall
+    time and step count appended, so a table's CUDA total can be read against the wall clock.
+    Only ever called from the feeding thread (the one that owns the engine)."""
+
+    def __init__(self, directory: str, windows: list[tuple[int, int]]) -> None:
+        self.dir = directory
+        self.windows = list(windows)
+        self._t0 = 0.0
+
+    def before_step(self, engine: Any, step: int) -> None:
+        if self.windows and step == self.windows[0][0]:
+            try:
+                engine.start_profile()
+            except Exception:
+                log.exception("profiler: start failed; profiling off")
+                self.windows = []
+                return
+            self._t0 = time.perf_counter()
+            log.info("profiler: window %s started at step %d", self.windows[0], step)
+
+    def after_step(self, engine: Any, step: int) -> None:
+        """``step`` = steps done so far."""
+        if not self.windows or step != sum(self.windows[0]):
+            return
+        start, count = self.windows.pop(0)
+        wall = time.perf_counter() - self._t0
+        try:
+            engine.stop_profile()
+            src = os.path.join(self.dir, "profiler_out_0.txt")
+            dst = os.path.join(self.dir, f"profile_{start}_{count}.txt")
+            if os.path.exists(src):
+                os.replace(src, dst)
+                with open(dst, "a") as f:
+                    f.write(f"\nwindow: steps {start}..{start + count - 1}, wall {wall:.3f} s\n")
+        except Exception:
+            log.exception("profiler: stop failed")
+        log.info(
+            "profiler: window (%d, %d) done: %.3f s wall, %.1f ms/step",
+            start,
+            count,
+            wall,
+            1e3 * wall / count,
+        )
+
+
+def _step_profiler() -> StepProfiler | None:
+    d = os.environ.get("RUNNER_PROFILE_DIR")
+    if not d:
+        return None
+    return StepProfiler(
+        os.path.abspath(d), parse_profile_windows(os.environ.get("RUNNER_PROFILE_STEPS", "5:10,300:30"))
+    )
 
 
 def _check_plugin_installed() -> None:
@@ -496,6 +573,7 @@ class VllmEngine:
     # -- feeding thread -------------------------------------------------------------------------
     def _run(self, stop: threading.Event, inbox: queue.Queue[PageRequest | None], engine: Any) -> None:
         beat = time.monotonic()
+        prof = _step_profiler()
         try:
             while not stop.is_set():
                 if self._pending and time.monotonic() - beat > 10:
@@ -515,10 +593,14 @@ class VllmEngine:
                 if stop.is_set():
                     break
                 if engine.has_unfinished_requests():
+                    if prof:
+                        prof.before_step(engine, self.stats["steps"])
                     for ro in engine.step():
                         if ro.finished:
                             self._finish(ro)
                     self.stats["steps"] += 1
+                    if prof:
+                        prof.after_step(engine, self.stats["steps"])
         except Exception as e:  # the engine core died (EngineDeadError) or stepping broke
             if not stop.is_set() and self._thread is threading.current_thread():
                 log.exception("vLLM engine failed; in-flight pages will be resubmitted after a restart")
