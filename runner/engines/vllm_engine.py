@@ -594,13 +594,13 @@ class VllmEngine:
                     break
                 if engine.has_unfinished_requests():
                     if prof:
-                        prof.before_step(engine, self.stats["steps"])
+                        prof.before_step(engine, int(self.stats["steps"]))
                     for ro in engine.step():
                         if ro.finished:
                             self._finish(ro)
                     self.stats["steps"] += 1
                     if prof:
-                        prof.after_step(engine, self.stats["steps"])
+                        prof.after_step(engine, int(self.stats["steps"]))
         except Exception as e:  # the engine core died (EngineDeadError) or stepping broke
             if not stop.is_set() and self._thread is threading.current_thread():
                 log.exception("vLLM engine failed; in-flight pages will be resubmitted after a restart")
