@@ -12,13 +12,15 @@ Because the token count comes from the tensors, the resolution mode is per reque
 process-global constant of upstream's processor.
 
 ``register()`` installs the subclasses for both architectures in the current process (the
-process that runs vLLM's input processing). The model classes are upstream's with one override:
+process that runs vLLM's input processing). The model classes are upstream's with two overrides:
 the vision encoder runs over all pages of a step at once (``batched_encoder``;
-``RUNNER_BATCHED_ENCODER=0`` keeps upstream's per-page loop).
+``RUNNER_BATCHED_ENCODER=0`` keeps upstream's per-page loop), and SAM's relative-position
+attention runs without a materialised bias (``sam_attention``; ``RUNNER_FAST_SAM_ATTENTION=0``).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -51,6 +53,9 @@ from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from runner.vllm_plugin.batched_encoder import BatchedOCR2Mixin, BatchedOCRMixin
 from runner.vllm_plugin.preprocess import ViewSpec, num_image_tokens
+from runner.vllm_plugin.sam_attention import patch_sam_attention
+
+_log = logging.getLogger("vllm.deepseek_ocr_pipeline")
 
 IMAGE_TOKEN = "<image>"
 PREPARED_FIELDS = frozenset({"pixel_values", "images_crop", "images_spatial_crop"})
@@ -156,14 +161,31 @@ class FastOCR2MultiModalProcessor(_PreparedMixin, DeepseekOCR2MultiModalProcesso
     FastOCRMultiModalProcessor, info=FastOCRProcessingInfo, dummy_inputs=DeepseekOCRDummyInputsBuilder
 )
 class FastDeepseekOCRForCausalLM(BatchedOCRMixin, DeepseekOCRForCausalLM):
-    """Upstream's model; its input processor and the batching of its vision encoder differ."""
+    """Upstream's model; its input processor, the batching of its vision encoder and SAM's
+    attention kernel (``sam_attention``) differ."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _patch_sam(self)
 
 
 @MULTIMODAL_REGISTRY.register_processor(
     FastOCR2MultiModalProcessor, info=FastOCR2ProcessingInfo, dummy_inputs=DeepseekOCR2DummyInputsBuilder
 )
 class FastDeepseekOCR2ForCausalLM(BatchedOCR2Mixin, DeepseekOCR2ForCausalLM):
-    """Upstream's model; its input processor and the batching of its vision encoder differ."""
+    """Upstream's model; its input processor, the batching of its vision encoder and SAM's
+    attention kernel (``sam_attention``) differ."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _patch_sam(self)
+
+
+def _patch_sam(model: Any) -> None:
+    sam = getattr(model, "sam_model", None)
+    if sam is not None:
+        n = patch_sam_attention(sam)
+        _log.info("SAM relative-position attention without a materialised bias: %d layer(s)", n)
 
 
 ARCHITECTURES = {

@@ -1,0 +1,159 @@
+"""SAM's relative-position attention without a materialised bias (engine stage, vLLM plugin).
+
+Upstream (vLLM 0.26 ``deepencoder.py``, ``RelPosAttention``, from SAM/ViTDet) adds a decomposed
+relative-position bias to every attention map: ``bias[i, j] = rel_h[i, row(j)] + rel_w[i, col(j)]``
+with ``rel_h = q·Rh``, ``rel_w = q·Rw``. It builds that bias as a full (heads × HW × HW) tensor and
+passes it to ``scaled_dot_product_attention`` as ``attn_mask``: for a 1024² view (64×64 tokens)
+~400 MB per image and layer, written by a broadcast add, copied, then read by the
+memory-efficient kernel, the only SDPA kernel that takes an arbitrary bias. Profiled on the H100
+(GPU session 4, prefill steps of the PERF.md workload): those adds/copies and that kernel were
+~67% of the GPU time of a prefill step, ~21 ms per Gundam page.
+
+The same scores without the bias tensor: append the bias terms to the query and one-hot
+positions to the key,
+
+    q' = [q, rel_h / s, rel_w / s],   k' = [k, onehot(row(j)), onehot(col(j))],   v' = [v, 0]
+
+so that ``s · q'·k'`` = ``s · q·k + rel_h[i, row(j)] + rel_w[i, col(j)]`` (``s`` = upstream's
+scale, passed explicitly). The head dimension grows from 64 to 64 + H + W (192 for a 64×64 grid,
+92 → 96 for 14×14 windows), which flash-attention kernels take (≤ 256), and no HW × HW tensor
+is ever written. For head_dim 64, ``1/s`` = 8 is exact in bf16; the bias terms are summed in the
+kernel's fp32 accumulator instead of being rounded to bf16 first as upstream does, so results
+differ from upstream's in the last bits only (tests: ``tests/test_sam_attention.py`` on CPU
+against a copy of upstream's forward, and on the GPU machine against upstream's own module).
+
+``RUNNER_FAST_SAM_ATTENTION=0`` keeps upstream's forward.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+MAX_HEAD_DIM = 256  # flash-attention kernels (FA2 in PyTorch, cuDNN) stop here
+
+
+def enabled() -> bool:
+    return os.environ.get("RUNNER_FAST_SAM_ATTENTION", "1") != "0"
+
+
+def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """Upstream's ``get_rel_pos`` (same operations, same order)."""
+    max_rel_dist = int(2 * max(q_size, k_size) - 1)
+    if rel_pos.shape[0] != max_rel_dist:
+        dtype = rel_pos.dtype
+        resized = F.interpolate(
+            rel_pos.to(torch.float32).reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1),
+            size=max_rel_dist,
+            mode="linear",
+        ).to(dtype)
+        resized = resized.reshape(-1, max_rel_dist).permute(1, 0)
+    else:
+        resized = rel_pos
+    q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
+    relative = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+    return resized[relative.long()]
+
+
+def decomposed_rel_pos(
+    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, h: int, w: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, h*w, c) queries -> rel_h (N, h*w, h), rel_w (N, h*w, w): upstream's einsums."""
+    rh = get_rel_pos(h, h, rel_pos_h)
+    rw = get_rel_pos(w, w, rel_pos_w)
+    n, _, dim = q.shape
+    r_q = q.reshape(n, h, w, dim)
+    rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, rh).reshape(n, h * w, h)
+    rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, rw).reshape(n, h * w, w)
+    return rel_h, rel_w
+
+
+def _key_positions(h: int, w: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(h*w, h+w): one-hot row then one-hot column of each key position."""
+    idx = torch.arange(h * w, device=device)
+    onehot = torch.zeros(h * w, h + w, dtype=dtype, device=device)
+    onehot[idx, idx // w] = 1
+    onehot[idx, h + idx % w] = 1
+    return onehot
+
+
+def rel_pos_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_h: torch.Tensor,
+    rel_w: torch.Tensor,
+    scale: float,
+    positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """softmax(scale·q·kᵀ + rel_h[i, row(j)] + rel_w[i, col(j)]) v for (B, heads, L, d) inputs,
+    rel_h (B, heads, L, h), rel_w (B, heads, L, w); L = h*w. Returns (B, heads, L, d)."""
+    b, nh, seq, d = q.shape
+    h, w = rel_h.shape[-1], rel_w.shape[-1]
+    extra = h + w
+    dim = d + extra
+    pad = (-dim) % 8
+    if positions is None:
+        positions = _key_positions(h, w, q.dtype, q.device)
+    inv = 1.0 / scale
+    parts_q = [q, rel_h * inv, rel_w * inv]
+    parts_k = [k, positions.expand(b, nh, seq, extra)]
+    if pad:
+        zq = q.new_zeros(b, nh, seq, pad)
+        parts_q.append(zq)
+        parts_k.append(zq)
+    qa = torch.cat(parts_q, dim=-1)
+    ka = torch.cat(parts_k, dim=-1)
+    va = F.pad(v, (0, dim + pad - d))
+    out = F.scaled_dot_product_attention(qa, ka, va, scale=scale)
+    return out[..., :d]
+
+
+def fast_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    """Drop-in ``RelPosAttention.forward``: upstream's projections and layout, the bias folded
+    into the query/key (module docstring). Falls back to upstream's forward where the widened
+    head would not fit a flash kernel."""
+    bsz, h, w, _ = x.shape
+    nh = self.num_heads
+    head_dim = self.qkv.out_features // 3 // nh
+    if not self.use_rel_pos or head_dim + h + w + 8 > MAX_HEAD_DIM:
+        return self._upstream_forward(x)
+    qkv = self.qkv(x).reshape(bsz, h * w, 3, nh, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.reshape(3, bsz * nh, h * w, -1).unbind(0)
+    rel_h, rel_w = decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, h, w)
+    key = (h, w, q.dtype, q.device)
+    cache = self.__dict__.setdefault("_runner_positions", {})
+    positions = cache.get(key)
+    if positions is None:
+        positions = cache[key] = _key_positions(h, w, q.dtype, q.device)
+    out = rel_pos_attention(
+        q.view(bsz, nh, h * w, -1),
+        k.view(bsz, nh, h * w, -1),
+        v.view(bsz, nh, h * w, -1),
+        rel_h.view(bsz, nh, h * w, h),
+        rel_w.view(bsz, nh, h * w, w),
+        self.scale,
+        positions,
+    )
+    out = out.view(bsz, nh, h, w, -1).permute(0, 2, 3, 1, 4).reshape(bsz, h, w, -1)
+    return self.proj(out)  # type: ignore[no-any-return]
+
+
+def patch_sam_attention(module: torch.nn.Module) -> int:
+    """Give every ``RelPosAttention`` under ``module`` the fast forward (instance attribute; the
+    class and other models are untouched). Returns how many were patched."""
+    if not enabled():
+        return 0
+    n = 0
+    for m in module.modules():
+        if type(m).__name__ == "RelPosAttention" and getattr(m, "use_rel_pos", False):
+            if "_upstream_forward" not in m.__dict__:
+                m.__dict__["_upstream_forward"] = m.forward
+                m.__dict__["forward"] = types.MethodType(fast_forward, m)
+                n += 1
+    return n

@@ -1,0 +1,124 @@
+"""SAM's relative-position attention with the bias folded into q/k (runner/vllm_plugin/sam_attention.py)
+against a copy of upstream's ``RelPosAttention.forward`` (vLLM 0.26 deepencoder.py) on CPU, and
+against upstream's own module where vLLM imports (the GPU machine)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from runner.vllm_plugin import sam_attention as sa
+
+
+class RelPosAttention(nn.Module):
+    """Copy of upstream's module (same parameters, same forward) for the CPU test."""
+
+    def __init__(self, dim: int, num_heads: int, input_size: tuple[int, int]) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.scale = head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+        self.use_rel_pos = True
+        self.rel_pos_h = nn.Parameter(torch.randn(2 * input_size[0] - 1, head_dim) * 0.5)
+        self.rel_pos_w = nn.Parameter(torch.randn(2 * input_size[1] - 1, head_dim) * 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, _ = x.shape
+        qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(3, B * self.num_heads, H * W, -1).unbind(0)
+        Rh = sa.get_rel_pos(H, H, self.rel_pos_h)
+        Rw = sa.get_rel_pos(W, W, self.rel_pos_w)
+        r_q = q.reshape(B * self.num_heads, H, W, -1)
+        rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, Rh).unsqueeze(-1).reshape(-1, H * W, H, 1)
+        rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, Rw).unsqueeze(-2).reshape(-1, H * W, 1, W)
+        q = q.view(B, self.num_heads, H * W, -1)
+        k = k.view(B, self.num_heads, H * W, -1)
+        v = v.view(B, self.num_heads, H * W, -1)
+        rel_h = rel_h.view(B, self.num_heads, rel_h.size(1), rel_h.size(2), rel_h.size(3))
+        rel_w = rel_w.view(B, self.num_heads, rel_w.size(1), rel_w.size(2), rel_w.size(3))
+        attn_bias = (rel_h + rel_w).view(B, self.num_heads, rel_h.size(2), rel_h.size(3) * rel_w.size(4))
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)
+        x = x.view(B, self.num_heads, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
+        return self.proj(x)
+
+
+@pytest.mark.parametrize(
+    "size,rel_size,batch",
+    [
+        ((16, 16), (16, 16), 2),  # a global layer (rel-pos table of the grid's own size)
+        ((7, 7), (7, 7), 5),  # windows: 7 + 7 extra dims, padded to a multiple of 8
+        ((10, 10), (16, 16), 1),  # a smaller view than the table (upstream interpolates the table)
+        ((6, 9), (6, 9), 3),  # non-square grid
+    ],
+)
+def test_fast_forward_equals_upstream_forward(
+    size: tuple[int, int], rel_size: tuple[int, int], batch: int
+) -> None:
+    torch.manual_seed(0)
+    m = RelPosAttention(96, 6, rel_size).double()  # head_dim 16
+    x = torch.randn(batch, *size, 96, dtype=torch.float64)
+    want = m(x)
+    assert sa.patch_sam_attention(m) == 1
+    got = m(x)
+    assert m.forward.__func__ is sa.fast_forward
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_bf16_close_to_upstream() -> None:
+    """In bf16 the two differ by rounding only (upstream rounds the bias to bf16 first)."""
+    torch.manual_seed(1)
+    m = RelPosAttention(128, 2, (8, 8))  # head_dim 64: 1/scale = 8, exact in bf16
+    x = torch.randn(2, 8, 8, 128)
+    ref = m.double()(x.double())
+    m = m.to(torch.bfloat16)
+    up = m(x.bfloat16()).double()
+    sa.patch_sam_attention(m)
+    fast = m(x.bfloat16()).double()
+    err_up = (up - ref).abs().max().item()
+    err_fast = (fast - ref).abs().max().item()
+    assert err_fast <= 2 * err_up + 1e-3, (err_fast, err_up)
+
+
+def test_patch_is_idempotent_can_be_turned_off_and_skips_wide_grids(monkeypatch: pytest.MonkeyPatch) -> None:
+    m = nn.Sequential(RelPosAttention(32, 2, (4, 4)), RelPosAttention(32, 2, (4, 4)))
+    monkeypatch.setenv("RUNNER_FAST_SAM_ATTENTION", "0")
+    assert sa.patch_sam_attention(m) == 0
+    monkeypatch.delenv("RUNNER_FAST_SAM_ATTENTION")
+    assert sa.patch_sam_attention(m) == 2
+    assert sa.patch_sam_attention(m) == 0  # already patched
+    # a grid whose widened head would exceed a flash kernel's limit takes upstream's path
+    monkeypatch.setattr(sa, "MAX_HEAD_DIM", 24)  # head 16 + 4 + 4 + 8 > 24
+    wide = RelPosAttention(32, 2, (4, 4)).double()
+    x = torch.randn(1, 4, 4, 32, dtype=torch.float64)
+    sa.patch_sam_attention(wide)
+    calls = []
+    up = wide._upstream_forward
+    wide._upstream_forward = lambda t: calls.append(1) or up(t)
+    wide(x)
+    assert calls == [1]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (GPU machine)")
+def test_fast_forward_equals_vllm_relposattention() -> None:
+    from vllm.model_executor.models.deepencoder import RelPosAttention as Upstream
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    for size, batch in (((64, 64), 2), ((14, 14), 25), ((40, 40), 6)):
+        m = Upstream(768, num_heads=12, use_rel_pos=True, input_size=size).to(dev, torch.bfloat16)
+        with torch.no_grad():
+            m.rel_pos_h.normal_(0, 0.5)
+            m.rel_pos_w.normal_(0, 0.5)
+            x = torch.randn(batch, *size, 768, device=dev, dtype=torch.bfloat16)
+            want = m(x).float()
+            assert sa.patch_sam_attention(m) == 1
+            got = m(x).float()
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
+        rel = ((got - want).norm() / want.norm()).item()
+        assert rel < 0.01, rel
