@@ -91,6 +91,21 @@ for step in "$@"; do
           for f in /tmp/prof/profile_*.txt; do echo "--- $f"; head -45 "$f" | cut -c1-200; tail -3 "$f"; done
           mkdir -p "$OUT/prof"; cp /tmp/prof/*.txt "$OUT/prof/" 2>/dev/null; gzip -c /tmp/pr/product.log > "$OUT/prof/product.log.gz"
           ls -la /tmp/prof; for t in /tmp/prof/*.pt.trace.json.gz; do [ -f "$t" ] && [ $(stat -c %s "$t") -lt 25000000 ] && cp "$t" "$OUT/prof/"; done ;;
+    pyspy) log "pyspy: CLI run, py-spy samples of the engine core and of the CLI process during decode (where the ~20 ms of host time per decode step goes)"
+          rm -rf /tmp/pyspy_site; python3 -m pip install -q --no-deps --target /tmp/pyspy_site .gpu_carry/wheels/py_spy-*.whl 2>&1 | tail -1
+          SPY=$(ls /tmp/pyspy_site/bin/py-spy 2>/dev/null || find /tmp/pyspy_site -name py-spy -type f | head -1); echo "py-spy: $SPY"
+          RUNNER_SWITCH_INTERVAL_MS=${SWI:-1} timeout -k 10 ${PSTO:-300} python3 tools/bench.py --model-dir $M/deepseek-ocr --pages ${PAGES:-768} --max-num-seqs ${SEQS:-512} --baseline off \
+            --product cli --product-timeout ${PSTO2:-280} --work-dir /tmp/ps --jsonl "$OUT/benchmarks.jsonl" --tag pyspy ${PSEXTRA:-} > /tmp/ps.out 2>&1 &
+          local_bench=$!
+          for i in $(seq 1 280); do grep -q "steps=[0-9]\{3,\}" /tmp/ps/product.log 2>/dev/null && break; sleep 1; done; sleep 3
+          EC=$(pgrep -f "VLLM::EngineCore" | head -1); CLI=$(pgrep -f "run_pdf_ocr_vllm.py --input-dir /tmp/ps" | tail -1); echo "engine core $EC, cli $CLI at $(date -u +%T)"
+          mkdir -p "$OUT/pyspy"
+          $SPY record --pid $EC --duration ${SPYD:-8} --rate 250 --nonblocking --format raw -o "$OUT/pyspy/engine_core.txt" > /tmp/spy_ec.log 2>&1 & s1=$!
+          $SPY record --pid $CLI --duration ${SPYD:-8} --rate 250 --nonblocking --format raw -o "$OUT/pyspy/cli.txt" > /tmp/spy_cli.log 2>&1 & s2=$!
+          wait $s1 $s2; sleep 1; tail -2 /tmp/spy_ec.log /tmp/spy_cli.log
+          $SPY dump --pid $EC > "$OUT/pyspy/engine_core_dump.txt" 2>&1
+          wait $local_bench; tail -1 /tmp/ps.out | cut -c1-700; grep "vllm engine: pending" /tmp/ps/product.log | head -12 | cut -c1-160
+          gzip -c /tmp/ps/product.log > "$OUT/pyspy/product.log.gz"; ls -la "$OUT/pyspy" ;;
     encab) for e in 0 1; do log "encab RUNNER_BATCHED_ENCODER=$e"   # batched vision encoder A/B (two engines, same pages)
           RUNNER_BATCHED_ENCODER=$e timeout -k 10 ${EABTO:-280} python3 tools/bench.py --model-dir $M/${EMODEL:-deepseek-ocr} --pages ${PAGES:-512} --max-num-seqs ${SEQS:-512} \
             --baseline off --product engine --work-dir /tmp/benc$e --jsonl "$OUT/benchmarks.jsonl" --tag encoder-batched-$e 2>&1 | tail -1 | cut -c1-400; done ;;

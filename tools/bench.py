@@ -166,6 +166,8 @@ class Monitor:
         self.period = period
         self.devices = list(devices) if devices else None
         self.samples: list[tuple[float, list[float], list[float], float]] = []
+        #: peak GPU memory per process (NVML), "pid name" -> GiB: which process holds what
+        self.proc_peaks: dict[str, float] = {}
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
@@ -199,7 +201,24 @@ class Monitor:
                 for h in handles:
                     utils.append(float(pynvml.nvmlDeviceGetUtilizationRates(h).gpu))
                     mems.append(pynvml.nvmlDeviceGetMemoryInfo(h).used / 2**30)
+                    self._sample_processes(pynvml, h, psutil)
             self.samples.append((time.time(), utils, mems, psutil.cpu_percent(None)))
+
+    def _sample_processes(self, pynvml: Any, handle: Any, psutil: Any) -> None:
+        try:
+            procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        except Exception:
+            return
+        for p in procs:
+            used = getattr(p, "usedGpuMemory", None)
+            if not used:
+                continue
+            try:
+                name = " ".join(psutil.Process(p.pid).cmdline()[:2])[-60:]
+            except Exception:
+                name = "?"
+            key = f"{p.pid} {name}"
+            self.proc_peaks[key] = max(self.proc_peaks.get(key, 0.0), round(used / 2**30, 2))
 
     def summary(self, t0: float, t1: float) -> dict[str, Any]:
         s = [x for x in self.samples if t0 <= x[0] <= t1]
@@ -214,6 +233,8 @@ class Monitor:
             "host_cores_busy": round(sum(cpus) / len(cpus) * ncpu / 100, 1) if cpus else None,
             "host_cores": ncpu,
         }
+        if self.proc_peaks:
+            out["gpu_mem_peak_gib_per_process"] = dict(self.proc_peaks)
         ndev = max((len(x[1]) for x in self.samples), default=0)
         if ndev > 1:
             per = [x[1] for x in s if len(x[1]) == ndev]

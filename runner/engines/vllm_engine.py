@@ -182,7 +182,8 @@ def engine_kwargs(ec: EngineConfig, model_path: str, guard: bool) -> dict[str, A
         kw["profiler_config"] = {
             "profiler": "torch",
             "torch_profiler_dir": os.path.abspath(prof_dir),
-            "torch_profiler_with_stack": False,
+            # RUNNER_PROFILE_STACK=1: Python stacks too (heavy; shows where host time goes)
+            "torch_profiler_with_stack": os.environ.get("RUNNER_PROFILE_STACK") == "1",
         }
     for name, text in ec.vllm_args:
         try:

@@ -1,0 +1,47 @@
+"""tools/bench.py Monitor: per-process GPU memory peaks (NVML) next to the device-wide peak, so
+a capped run shows which process holds memory outside vLLM's budget (issue 11)."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import psutil
+
+from tools import bench
+
+
+class _FakeNvml:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: object) -> list:
+        self.calls += 1
+        used = [2 * 2**30, 3 * 2**30][min(self.calls - 1, 1)]
+        return [
+            SimpleNamespace(pid=os.getpid(), usedGpuMemory=used),
+            SimpleNamespace(pid=999_999_999, usedGpuMemory=2**29),  # gone: name unknown
+            SimpleNamespace(pid=1, usedGpuMemory=None),  # NVML could not say: skipped
+        ]
+
+
+def test_per_process_peaks_are_kept_and_reported() -> None:
+    m = bench.Monitor()
+    nv = _FakeNvml()
+    m._sample_processes(nv, None, psutil)
+    m._sample_processes(nv, None, psutil)
+    me = [k for k in m.proc_peaks if k.startswith(f"{os.getpid()} ")]
+    assert len(me) == 1 and m.proc_peaks[me[0]] == 3.0
+    assert m.proc_peaks["999999999 ?"] == 0.5
+    assert not any(k.startswith("1 ") for k in m.proc_peaks)
+    assert m.summary(0, 1)["gpu_mem_peak_gib_per_process"] == m.proc_peaks
+
+
+def test_nvml_errors_do_not_stop_sampling() -> None:
+    class Broken:
+        def nvmlDeviceGetComputeRunningProcesses(self, handle: object) -> list:
+            raise RuntimeError("NVML_ERROR_NOT_SUPPORTED")
+
+    m = bench.Monitor()
+    m._sample_processes(Broken(), None, psutil)
+    assert m.proc_peaks == {} and "gpu_mem_peak_gib_per_process" not in m.summary(0, 1)
