@@ -8,6 +8,7 @@ Exit codes: 0 every file succeeded (or was already done); 1 some files failed; 2
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -131,6 +132,12 @@ def build_parser(default_engine: str = "vllm") -> argparse.ArgumentParser:
     en.add_argument("--enable-fp8-weights", action="store_true", help="fp8 weight quantization (vLLM)")
     en.add_argument("--quantization", help="explicit vLLM quantization method")
     en.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
+    en.add_argument(
+        "--gpu-memory-gib",
+        type=float,
+        help="GPU memory the whole run may use (GiB), CUDA contexts and what vLLM does not count "
+        "included: sets --gpu-memory-utilization to leave room for them (e.g. 5.5 on a 6 GB laptop GPU)",
+    )
     en.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     en.add_argument("--max-model-len", type=int, default=d.max_model_len)
     en.add_argument(
@@ -235,7 +242,7 @@ def config_from_args(args: argparse.Namespace, inputs: tuple[str, ...], root: st
         warmup_pages=args.warmup_pages,
     )
     if args.engine != "text":
-        ec = _apply_profile(ec)
+        ec = _apply_profile(ec, args.gpu_memory_gib if args.engine == "vllm" else None)
     # The window must exceed what the engine runs at once, or the GPU idles while pages render.
     batch = args.batch_pages or (
         ec.max_num_seqs + max(16, ec.max_num_seqs // 4) if args.engine == "vllm" else 16
@@ -295,11 +302,22 @@ def gpu_memory_gib() -> float | None:
         return None
 
 
-def _apply_profile(ec: EngineConfig) -> EngineConfig:
-    from runner.profiles import apply_profile
+def _apply_profile(ec: EngineConfig, run_gib: float | None = None) -> EngineConfig:
+    from runner.profiles import OUTSIDE_VLLM_GIB, BudgetError, apply_profile, vllm_utilization_for
 
-    total = gpu_memory_gib() if ec.profile != "default" else None
+    total = gpu_memory_gib() if (ec.profile != "default" or run_gib) else None
+    if run_gib:
+        if total is None:
+            raise ConfigError("--gpu-memory-gib: no NVIDIA GPU found (nvidia-smi) to size the budget against")
+        try:
+            util, why = vllm_utilization_for(run_gib, total)
+        except BudgetError as e:
+            raise ConfigError(str(e)) from None
+        log.info("profile: %s", why)
+        ec = dataclasses.replace(ec, gpu_memory_utilization=util)
     usable = total * ec.gpu_memory_utilization if total is not None else None
+    if run_gib:
+        usable = run_gib - OUTSIDE_VLLM_GIB  # exact (the share above is rounded)
     ec, reasons = apply_profile(ec, usable)
     for r in reasons:
         log.info("profile: %s", r)

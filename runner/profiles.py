@@ -25,12 +25,45 @@ from runner.config import EngineConfig
 
 _DEFAULTS = EngineConfig()
 LOW_VRAM_GIB = 12.0  # at or below this, ``auto`` picks the low-VRAM profile
-# Measured (H200, vLLM 0.26, OCR-1, this profile; tmp_pdf_runs/GPU_NOTES.md): fp8 weights 3.56 GiB,
-# activation peak 0.5 GiB, CUDA graphs 0.07 GiB, non-torch ~0.25 GiB -> ~4.4 GiB before any KV
-# cache. Below 5 GiB only CPU offload helps. (It used to start at 6 GiB: a 6 GiB budget then
-# offloaded for nothing, and vLLM 0.26's offload fails with --load-format dummy.)
-OFFLOAD_BELOW_GIB = 5.0
+# Measured (vLLM 0.26, OCR-1, this profile; NOTES.md): fp8 weights 3.56 GiB, non-torch ~0.24 GiB,
+# CUDA graphs 0.07 GiB, activation peak 0.5 GiB (H200, 2k-token steps) to 0.95 GiB (H100, GPU
+# session 4), most of it SAM's materialised attention bias (~0.4 GB per image and global layer),
+# which runner/vllm_plugin/sam_attention.py no longer builds. Predicted need with that and
+# 1k-token steps: ~4.2 GiB + KV for one 4k-token sequence (0.12 GiB fp8) -> offload below 4.3 GiB.
+# (Not yet measured; vLLM 0.26's offload also fails with --load-format dummy.)
+OFFLOAD_BELOW_GIB = 4.3
 MID_VRAM_GIB = 30.0  # at or below this, ``auto`` trims the batch
+# GPU memory a run uses beyond vLLM's budget (gpu_memory_utilization x card): measured on the H100
+# (GPU session 4, low-VRAM profile, NVML device peak minus vLLM's budget) 1.67 GiB at a 6 GiB and
+# at an 8 GiB budget alike: the engine core's CUDA context (~0.52 GiB, in use before vLLM measures)
+# plus ~1.15 GiB vLLM does not count. A run told it may use N GiB gives vLLM N minus this.
+OUTSIDE_VLLM_GIB = 1.7
+# A low-VRAM budget below this also halves the step's token budget (one page image profiled
+# instead of two: a smaller activation reservation, more room for KV).
+TIGHT_BUDGET_GIB = 5.0
+
+
+class BudgetError(ValueError):
+    """--gpu-memory-gib cannot be honoured on this GPU."""
+
+
+def vllm_utilization_for(run_gib: float, card_gib: float) -> tuple[float, str]:
+    """``--gpu-memory-gib``: the whole run may use ``run_gib`` of a ``card_gib`` card. Returns
+    vLLM's ``gpu_memory_utilization`` (its own budget = run_gib - OUTSIDE_VLLM_GIB) and the reason."""
+    if run_gib > card_gib + 1e-6:
+        raise BudgetError(f"--gpu-memory-gib {run_gib:g} is more than this GPU has ({card_gib:.1f} GiB)")
+    budget = run_gib - OUTSIDE_VLLM_GIB
+    if budget < 2.0:
+        raise BudgetError(
+            f"--gpu-memory-gib {run_gib:g} leaves vLLM {budget:.1f} GiB after the ~{OUTSIDE_VLLM_GIB:g} GiB "
+            "a run uses outside its budget (CUDA context and more); at least 2 GiB are needed "
+            "(with --cpu-offload-gb)"
+        )
+    util = round(budget / card_gib, 4)
+    return util, (
+        f"gpu_memory_utilization={util}: the run may use {run_gib:g} GiB of {card_gib:.1f}; vLLM gets "
+        f"{budget:.2f} GiB, {OUTSIDE_VLLM_GIB:g} GiB stay for what it does not count (measured)"
+    )
 
 
 def _set(
@@ -90,6 +123,14 @@ def apply_profile(cfg: EngineConfig, gpu_mem_gib: float | None) -> tuple[EngineC
     _set(
         cfg, changes, reasons, "resolution", "base", "273 vision tokens instead of ~903, smaller encoder peak"
     )
+    if gpu_mem_gib is not None and gpu_mem_gib < TIGHT_BUDGET_GIB:
+        # replaces the 2048 above (the user's own value would have kept both out)
+        if "max_num_batched_tokens" in changes:
+            changes["max_num_batched_tokens"] = 1024
+            reasons.append(
+                f"max_num_batched_tokens=1024: under {TIGHT_BUDGET_GIB:g} GiB one page image per step "
+                "keeps the activation reservation smallest"
+            )
     if gpu_mem_gib is not None and gpu_mem_gib < OFFLOAD_BELOW_GIB:
         _set(
             cfg,

@@ -159,3 +159,45 @@ def test_engine_that_dies_while_starting_is_a_clear_engine_error(tmp_path, monke
     assert rc == EXIT_ENGINE
     assert "the engine did not start" in caplog.text and "out of memory" in caplog.text
     assert not (tmp_path / "out" / "a.md").exists() and not (tmp_path / "out" / "a.done").exists()
+
+
+def test_gpu_memory_gib_sets_vllms_share_and_refuses_what_the_card_lacks(tmp_path, monkeypatch, capsys):
+    """--gpu-memory-gib N: vLLM gets N minus what a run uses outside its budget, as a share of the
+    card; the low-VRAM profile then sizes itself for that budget. Impossible budgets: usage error."""
+    import argparse
+
+    from runner import cli
+    from runner.profiles import OUTSIDE_VLLM_GIB
+
+    monkeypatch.setattr(cli, "gpu_memory_gib", lambda: 79.18)
+    pdfgen.text_pdf(tmp_path / "in" / "a.pdf", pages=1)
+    args = cli.build_parser().parse_args(
+        [
+            "--input-dir",
+            str(tmp_path / "in"),
+            "--output-dir",
+            str(tmp_path / "o"),
+            "--gpu-memory-gib",
+            "6",
+            "--profile",
+            "auto",
+        ]
+    )
+    assert isinstance(args, argparse.Namespace)
+    cfg = cli.config_from_args(args, ("a.pdf",), str(tmp_path / "in"))
+    ec = cfg.engine_config
+    assert ec.gpu_memory_utilization == round((6 - OUTSIDE_VLLM_GIB) / 79.18, 4)
+    assert ec.enable_fp8_weights and ec.max_num_batched_tokens == 1024 and ec.cpu_offload_gb == 0.0
+    code = main(
+        [
+            "--input-dir",
+            str(tmp_path / "in"),
+            "--output-dir",
+            str(tmp_path / "o"),
+            "--gpu-memory-gib",
+            "90",
+            "--log-file",
+            str(tmp_path / "l.log"),
+        ]
+    )
+    assert code == EXIT_USAGE and "more than this GPU has" in capsys.readouterr().err

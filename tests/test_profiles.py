@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from runner.config import EngineConfig
 from runner.profiles import apply_profile
 
@@ -36,8 +38,28 @@ def test_auto_at_8_and_6_gib_picks_low_vram_without_offload() -> None:
 
 def test_low_vram_offloads_only_below_what_fp8_weights_need() -> None:
     out, reasons = apply_profile(EngineConfig(), 4.0)
-    assert out.cpu_offload_gb == 1.5
+    assert out.cpu_offload_gb == 0.8  # 4.3 GiB predicted need - 4.0 + 0.5 margin
     assert any("offload" in r for r in reasons)
+    assert apply_profile(EngineConfig(), 4.3)[0].cpu_offload_gb == 0.0
+
+
+def test_tight_budget_halves_the_step_budget_unless_the_user_set_it() -> None:
+    out, reasons = apply_profile(EngineConfig(), 4.3)  # a 6 GiB run: 6 - 1.7 for vLLM
+    assert out.max_num_batched_tokens == 1024 and any("1024" in r for r in reasons)
+    mine = apply_profile(EngineConfig(max_num_batched_tokens=4096), 4.3)[0]
+    assert mine.max_num_batched_tokens == 4096
+
+
+def test_run_budget_leaves_room_for_what_vllm_does_not_count() -> None:
+    from runner.profiles import OUTSIDE_VLLM_GIB, BudgetError, vllm_utilization_for
+
+    util, why = vllm_utilization_for(6.0, 79.18)
+    assert util == round((6.0 - OUTSIDE_VLLM_GIB) / 79.18, 4) and "vLLM gets 4.30 GiB" in why
+    util8, _ = vllm_utilization_for(8.0, 8.0)  # a whole 8 GiB card
+    assert util8 == round(6.3 / 8.0, 4)
+    for bad in ((9.0, 8.0), (3.0, 8.0)):
+        with pytest.raises(BudgetError):
+            vllm_utilization_for(*bad)
 
 
 def test_explicit_flags_win_over_the_profile() -> None:
