@@ -106,6 +106,8 @@ for step in "$@"; do
           $SPY dump --pid $EC > "$OUT/pyspy/engine_core_dump.txt" 2>&1
           wait $local_bench; tail -1 /tmp/ps.out | cut -c1-700; grep "vllm engine: pending" /tmp/ps/product.log | head -12 | cut -c1-160
           gzip -c /tmp/ps/product.log > "$OUT/pyspy/product.log.gz"; ls -la "$OUT/pyspy" ;;
+    samab) log "samab: SAM encoder, upstream attention vs bias-free (one prefill step's images)"
+          timeout -k 10 ${SAMTO:-240} python3 tools/bench_sam.py --pages ${SAMPAGES:-18} --jsonl "$OUT/benchmarks.jsonl" 2>&1 | tail -4 | cut -c1-600 ;;
     encab) for e in 0 1; do log "encab RUNNER_BATCHED_ENCODER=$e"   # batched vision encoder A/B (two engines, same pages)
           RUNNER_BATCHED_ENCODER=$e timeout -k 10 ${EABTO:-280} python3 tools/bench.py --model-dir $M/${EMODEL:-deepseek-ocr} --pages ${PAGES:-512} --max-num-seqs ${SEQS:-512} \
             --baseline off --product engine --work-dir /tmp/benc$e --jsonl "$OUT/benchmarks.jsonl" --tag encoder-batched-$e 2>&1 | tail -1 | cut -c1-400; done ;;

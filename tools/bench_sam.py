@@ -1,0 +1,117 @@
+"""Time vLLM's SAM image encoder (DeepSeek-OCR's `build_sam_vit_b`) with upstream's attention and
+with the bias-free attention of runner/vllm_plugin/sam_attention.py, on the same random weights
+and inputs (GPU machine; needs vLLM). One JSON line per variant; appended to --jsonl if given.
+
+    python tools/bench_sam.py --pages 18 --crops-per-page 6 --jsonl OUT/benchmarks.jsonl
+
+The workload is one prefill step of the PERF.md run: ~18 Gundam pages, each a 1024² global view
+and up to six 640² crops (the engine's profile: SAM's attention was ~2/3 of such a step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _config_context() -> contextlib.AbstractContextManager[object]:
+    try:
+        from vllm.config import VllmConfig, set_current_vllm_config
+
+        return set_current_vllm_config(VllmConfig())
+    except Exception:
+        return contextlib.nullcontext()
+
+
+def run(pages: int, crops: int, repeats: int, chunk: int) -> list[dict[str, object]]:
+    from vllm.model_executor.models.deepencoder import build_sam_vit_b
+
+    from runner.vllm_plugin.sam_attention import patch_sam_attention
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    with _config_context():
+        sam = build_sam_vit_b().to(dev, torch.bfloat16).eval()
+    with torch.no_grad():
+        for p in sam.parameters():  # rel-pos tables are zero-initialised: make them matter
+            if p.dim() == 2 and p.shape[1] == 64:
+                p.normal_(0, 0.5)
+    g = torch.randn(pages, 3, 1024, 1024, device=dev, dtype=torch.bfloat16)
+    c = torch.randn(pages * crops, 3, 640, 640, device=dev, dtype=torch.bfloat16)
+
+    def encode() -> tuple[torch.Tensor, torch.Tensor]:
+        outs_g = [sam(g[i : i + chunk]) for i in range(0, len(g), chunk)]
+        outs_c = [sam(c[i : i + chunk]) for i in range(0, len(c), chunk)]
+        return torch.cat(outs_g), torch.cat(outs_c)
+
+    results = []
+    ref: tuple[torch.Tensor, torch.Tensor] | None = None
+    for variant in ("upstream", "bias-free"):
+        if variant == "bias-free":
+            patched = patch_sam_attention(sam)
+        with torch.no_grad():
+            encode()  # warm-up (kernel selection, allocator)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                out = encode()
+            torch.cuda.synchronize()
+            dt = (time.perf_counter() - t0) / repeats
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+        row: dict[str, object] = {
+            "bench": "sam-encoder",
+            "variant": variant,
+            "pages": pages,
+            "crops_per_page": crops,
+            "chunk": chunk,
+            "ms_per_step": round(dt * 1e3, 1),
+            "ms_per_page": round(dt * 1e3 / pages, 2),
+            "activation_peak_gib": round(peak, 2),
+            "device": torch.cuda.get_device_name(0),
+            "torch": torch.__version__,
+        }
+        if variant == "bias-free":
+            row["layers_patched"] = patched
+            assert ref is not None
+            rel = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(out, ref))
+            row["rel_diff_vs_upstream"] = round(rel, 5)
+        else:
+            ref = out
+        results.append(row)
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pages", type=int, default=18)
+    ap.add_argument("--crops-per-page", type=int, default=6)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--chunk", type=int, default=32, help="images per encoder call (RUNNER_ENCODER_BATCH)")
+    ap.add_argument("--jsonl")
+    a = ap.parse_args()
+    rows = run(a.pages, a.crops_per_page, a.repeats, a.chunk)
+    for r in rows:
+        print(json.dumps(r))
+    if a.jsonl:
+        with open(a.jsonl, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    up, fast = rows
+    print(
+        f"SAM encoder: {up['ms_per_page']} -> {fast['ms_per_page']} ms/page, "
+        f"activation peak {up['activation_peak_gib']} -> {fast['activation_peak_gib']} GiB"
+    )
+
+
+if __name__ == "__main__":
+    main()
