@@ -38,12 +38,15 @@ def run(pages: int, crops: int, repeats: int, chunk: int) -> list[dict[str, obje
 
     dev = torch.device("cuda")
     torch.manual_seed(0)
-    with _config_context():
-        sam = build_sam_vit_b().to(dev, torch.bfloat16).eval()
-    with torch.no_grad():
-        for p in sam.parameters():  # rel-pos tables are zero-initialised: make them matter
-            if p.dim() == 2 and p.shape[1] == 64:
+    sam = build_sam_vit_b().to(dev, torch.bfloat16).eval()
+    with torch.no_grad():  # vLLM leaves some weights uninitialised (torch.empty): set them all
+        for name, p in sam.named_parameters():
+            if "rel_pos" in name:  # zero-initialised upstream: make them matter
                 p.normal_(0, 0.5)
+            elif "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0, 0.02)
     g = torch.randn(pages, 3, 1024, 1024, device=dev, dtype=torch.bfloat16)
     c = torch.randn(pages * crops, 3, 640, 640, device=dev, dtype=torch.bfloat16)
 
@@ -99,7 +102,8 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=32, help="images per encoder call (RUNNER_ENCODER_BATCH)")
     ap.add_argument("--jsonl")
     a = ap.parse_args()
-    rows = run(a.pages, a.crops_per_page, a.repeats, a.chunk)
+    with _config_context():  # vLLM's custom layers read the current config, also in forward
+        rows = run(a.pages, a.crops_per_page, a.repeats, a.chunk)
     for r in rows:
         print(json.dumps(r))
     if a.jsonl:
