@@ -115,6 +115,13 @@ def build_parser(default_engine: str = "vllm") -> argparse.ArgumentParser:
     sc.add_argument("--num-shards", type=int, default=1)
     sc.add_argument("--shard-index", type=int, default=0)
     sc.add_argument("--gpus", help="one worker per GPU: '0,1,...' or 'all'")
+    sc.add_argument(
+        "--engines-per-gpu",
+        type=int,
+        default=1,
+        help="with --gpus: K engines (workers) per GPU, each with 1/K of the memory, started one "
+        "after another (vLLM's host work per step leaves one engine's GPU idle part of the time)",
+    )
     from runner.executors.ray_executor import add_ray_arguments
 
     add_ray_arguments(p)
@@ -381,11 +388,14 @@ def main(argv: list[str] | None = None, *, default_engine: str = "vllm") -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    if args.engines_per_gpu != 1 and not args.gpus:
+        print("error: --engines-per-gpu needs --gpus (the launcher starts the engines)", file=sys.stderr)
+        return EXIT_USAGE
     if args.gpus:
         from runner.launcher import run_multi_gpu
 
-        rest = _strip_option(argv, "--gpus")
-        return run_multi_gpu(rest, args.gpus)
+        rest = _strip_option(_strip_option(argv, "--gpus"), "--engines-per-gpu")
+        return run_multi_gpu(rest, args.gpus, engines_per_gpu=args.engines_per_gpu)
 
     log_file = setup_logging(args.log_file, quiet_console=args.progress == "bar")
     log.info("command: %s", " ".join(_redacted_argv(argv)))

@@ -147,10 +147,24 @@ def option_value(argv: Sequence[str], name: str) -> str | None:
 
 
 def plan_workers(
-    argv: Sequence[str], gpus: Sequence[str], worker_cmd: Sequence[str] = (sys.executable, "-m", "runner")
+    argv: Sequence[str],
+    gpus: Sequence[str],
+    worker_cmd: Sequence[str] = (sys.executable, "-m", "runner"),
+    engines_per_gpu: int = 1,
+    lock_dir: str | None = None,
 ) -> list[WorkerSpec]:
-    """One ``WorkerSpec`` per GPU with global shard numbers (fleet shard x local GPU)."""
+    """One ``WorkerSpec`` per GPU (``engines_per_gpu`` per GPU) with global shard numbers
+    (fleet shard x local slot).
+
+    Several engines on one GPU (issue 7: at 512 sequences a decode step is ~12 ms of GPU work and
+    ~20 ms of vLLM host work in the engine core, so one engine leaves the GPU idle; a second
+    engine's kernels fill those gaps): each gets ``1/K`` of the memory share and a start-up lock
+    per GPU (``RUNNER_ENGINE_START_LOCK``), so vLLM's memory profiling never runs while another
+    engine on the same GPU is still allocating."""
+    if engines_per_gpu < 1:
+        raise ValueError("--engines-per-gpu must be >= 1")
     rest, _ = _take_option(list(argv), "--gpus")
+    rest, _ = _take_option(rest, "--engines-per-gpu")
     rest, s_num = _take_option(rest, "--num-shards")
     rest, s_idx = _take_option(rest, "--shard-index")
     # A PDF password travels to the workers in the environment (PDF_PASSWORD), never on their
@@ -160,23 +174,28 @@ def plan_workers(
     fleet_n, fleet_i = int(s_num or 1), int(s_idx or 0)
     if fleet_n < 1 or not 0 <= fleet_i < fleet_n:
         raise ValueError("--shard-index must be in [0, --num-shards)")
-    n = len(gpus)
+    if engines_per_gpu > 1:
+        rest, util = _take_option(rest, "--gpu-memory-utilization")
+        rest, run_gib = _take_option(rest, "--gpu-memory-gib")
+        if run_gib is not None:
+            rest += ["--gpu-memory-gib", f"{float(run_gib) / engines_per_gpu:.3f}"]
+        else:
+            share = float(util) if util is not None else 0.9
+            rest += ["--gpu-memory-utilization", f"{share / engines_per_gpu:.4f}"]
+    slots = [(gpu, j) for gpu in gpus for j in range(engines_per_gpu)]
+    n = len(slots)
     total = fleet_n * n
     if not any(a == "--progress" or a.startswith("--progress=") for a in rest):
         rest += ["--progress", "log"]  # workers write plain log lines; the parent shows progress
     specs = []
-    for i, gpu in enumerate(gpus):
+    for i, (gpu, _j) in enumerate(slots):
         k = fleet_i * n + i
         cmd = (*worker_cmd, *rest, "--num-shards", str(total), "--shard-index", str(k))
-        specs.append(
-            WorkerSpec(
-                gpu=gpu,
-                shard_index=k,
-                num_shards=total,
-                argv=tuple(cmd),
-                env=(("CUDA_VISIBLE_DEVICES", gpu), *secret_env),
-            )
-        )
+        env: tuple[tuple[str, str], ...] = (("CUDA_VISIBLE_DEVICES", gpu), *secret_env)
+        if engines_per_gpu > 1:
+            lock = os.path.join(lock_dir or tempfile.gettempdir(), f"runner-engine-start-gpu{gpu}.lock")
+            env += (("RUNNER_ENGINE_START_LOCK", lock),)
+        specs.append(WorkerSpec(gpu=gpu, shard_index=k, num_shards=total, argv=tuple(cmd), env=env))
     return specs
 
 
@@ -294,12 +313,15 @@ def run_multi_gpu(
     log_dir: str | None = None,
     poll_s: float = 5.0,
     echo: bool = False,
+    engines_per_gpu: int = 1,
 ) -> int:
-    """Run one worker per GPU and wait for all; merge their summaries. Returns the exit code:
-    0 when every worker exited 0, else the first non-zero worker code (2 for usage errors here)."""
+    """Run one worker per GPU (``engines_per_gpu`` per GPU) and wait for all; merge their
+    summaries. Returns the exit code: 0 when every worker exited 0, else the first non-zero
+    worker code (2 for usage errors here)."""
     try:
         gpu_ids = parse_gpus(gpus)
-        specs = plan_workers(argv, gpu_ids, worker_cmd)
+        logs = Path(log_dir or tempfile.mkdtemp(prefix="runner-workers-"))
+        specs = plan_workers(argv, gpu_ids, worker_cmd, engines_per_gpu, lock_dir=str(logs))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -320,7 +342,6 @@ def run_multi_gpu(
         from runner.storage import open_storage
 
         outputs = open_storage(output_dir)
-    logs = Path(log_dir or tempfile.mkdtemp(prefix="runner-workers-"))
     logs.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()

@@ -201,3 +201,8 @@ def test_gpu_memory_gib_sets_vllms_share_and_refuses_what_the_card_lacks(tmp_pat
         ]
     )
     assert code == EXIT_USAGE and "more than this GPU has" in capsys.readouterr().err
+
+
+def test_engines_per_gpu_needs_the_launcher(tmp_path, capsys):
+    code = main(["--input-dir", str(tmp_path), "--output-dir", str(tmp_path / "o"), "--engines-per-gpu", "2"])
+    assert code == EXIT_USAGE and "--engines-per-gpu needs --gpus" in capsys.readouterr().err

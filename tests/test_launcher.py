@@ -116,6 +116,59 @@ def test_fleet_times_gpus_covers_every_global_shard_once(fleet: int, gpus: int) 
     assert sorted(seen) == list(range(fleet * gpus))
 
 
+def test_engines_per_gpu_split_the_memory_share_and_share_a_start_lock(tmp_path) -> None:
+    argv = ["--output-dir", "o", "--gpu-memory-utilization", "0.8", "--engines-per-gpu", "2"]
+    specs = plan_workers(argv, ["0", "1"], ("py",), engines_per_gpu=2, lock_dir=str(tmp_path))
+    assert [(dict(s.env)["CUDA_VISIBLE_DEVICES"], s.shard_index, s.num_shards) for s in specs] == [
+        ("0", 0, 4),
+        ("0", 1, 4),
+        ("1", 2, 4),
+        ("1", 3, 4),
+    ]
+    for s in specs:
+        cmd = list(s.argv)
+        assert "--engines-per-gpu" not in cmd and cmd.count("--gpu-memory-utilization") == 1
+        assert cmd[cmd.index("--gpu-memory-utilization") + 1] == "0.4000"
+    locks = [dict(s.env)["RUNNER_ENGINE_START_LOCK"] for s in specs]
+    assert locks[0] == locks[1] != locks[2] == locks[3] and locks[0].startswith(str(tmp_path))
+    # the whole-run budget is split the same way; one engine per GPU changes nothing
+    [a, _] = plan_workers(["--gpu-memory-gib", "8"], ["0"], ("py",), engines_per_gpu=2)
+    assert list(a.argv)[list(a.argv).index("--gpu-memory-gib") + 1] == "4.000"
+    [one] = plan_workers(["--gpu-memory-utilization", "0.8"], ["0"], ("py",))
+    assert "0.8" in one.argv and "RUNNER_ENGINE_START_LOCK" not in dict(one.env)
+    with pytest.raises(ValueError):
+        plan_workers([], ["0"], ("py",), engines_per_gpu=0)
+
+
+def test_engine_start_lock_serialises_engines_sharing_a_gpu(tmp_path) -> None:
+    """Two processes holding RUNNER_ENGINE_START_LOCK never start at the same time."""
+    import subprocess
+    import textwrap
+
+    lock = tmp_path / "gpu0.lock"
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+        from runner.engines.vllm_engine import _start_lock
+        with _start_lock():
+            print("in", time.time(), flush=True); time.sleep(1.0); print("out", time.time(), flush=True)
+        """
+    )
+    env = {**os.environ, "RUNNER_ENGINE_START_LOCK": str(lock)}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    spans = []
+    for p in procs:
+        out, _ = p.communicate(timeout=60)
+        t = {line.split()[0]: float(line.split()[1]) for line in out.split("\n") if line.strip()}
+        spans.append((t["in"], t["out"]))
+    spans.sort()
+    assert spans[1][0] >= spans[0][1]  # the second entered after the first left
+
+
 def test_merge_summaries_sums_counts_and_recomputes_rate() -> None:
     parts = {
         "shard-0-of-2": {
@@ -171,6 +224,30 @@ def test_run_multi_gpu_runs_one_worker_per_gpu_and_merges(
     }
     assert seen == {"0", "1", "2"}
     assert "stub shard 1 done" in (tmp_path / "logs" / "shard-1-of-3.log").read_text()
+
+
+def test_run_multi_gpu_runs_several_engines_on_one_gpu(
+    tmp_path: Path, stub: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    out = tmp_path / "out"
+    argv = ["--input-dir", str(tmp_path), "--output-dir", str(out), "--engine", "text"]
+    code = run_multi_gpu(
+        argv,
+        "0",
+        worker_cmd=stub,
+        prescan=None,
+        log_dir=str(tmp_path / "logs"),
+        poll_s=0.5,
+        engines_per_gpu=2,
+    )
+    assert code == 0
+    merged = json.loads((out / "_run_summary.json").read_text())
+    assert merged["files"]["ok"] == 1 + 2 and [w["exit_code"] for w in merged["workers"]] == [0, 0]
+    seen = [
+        json.loads((out / f"_run_summary.shard-{i}-of-2.json").read_text())["seen"]["cuda"] for i in range(2)
+    ]
+    assert seen == ["0", "0"]
 
 
 def test_run_multi_gpu_fails_when_one_worker_fails(

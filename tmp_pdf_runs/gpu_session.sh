@@ -108,6 +108,12 @@ for step in "$@"; do
           gzip -c /tmp/ps/product.log > "$OUT/pyspy/product.log.gz"; ls -la "$OUT/pyspy" ;;
     samab) log "samab: SAM encoder, upstream attention vs bias-free (one prefill step's images)"
           timeout -k 10 ${SAMTO:-240} python3 tools/bench_sam.py --pages ${SAMPAGES:-18} --jsonl "$OUT/benchmarks.jsonl" 2>&1 | tail -4 | cut -c1-600 ;;
+    epg) # one engine (512 sequences) vs two engines on the same GPU (--engines-per-gpu 2, 384 each), same pages
+          log "epg: 1 engine"; timeout -k 10 ${EPTO1:-250} python3 tools/bench.py --model-dir $M/deepseek-ocr --pages ${PAGES:-768} --max-num-seqs 512 --baseline off \
+            --product cli --product-timeout ${EPTO1P:-240} --work-dir /tmp/ep1 --jsonl "$OUT/benchmarks.jsonl" --tag epg-1 2>&1 | tail -1 | cut -c1-700
+          log "epg: 2 engines on GPU 0"; timeout -k 20 ${EPTO2:-330} python3 tools/bench.py --model-dir $M/deepseek-ocr --pages ${PAGES:-768} --max-num-seqs ${EPSEQS:-384} --baseline off \
+            --product cli --gpus 0 --product-timeout ${EPTO2P:-320} --work-dir /tmp/ep2 --jsonl "$OUT/benchmarks.jsonl" --tag epg-2 --cli-extra --engines-per-gpu 2 2>&1 | tail -1 | cut -c1-900
+          grep -h "start-up lock\|engine ready\|waiting for another" /tmp/ep2/*.log /tmp/runner-workers-*/*.log 2>/dev/null | cut -c1-200 | head -6 ;;
     encab) for e in 0 1; do log "encab RUNNER_BATCHED_ENCODER=$e"   # batched vision encoder A/B (two engines, same pages)
           RUNNER_BATCHED_ENCODER=$e timeout -k 10 ${EABTO:-280} python3 tools/bench.py --model-dir $M/${EMODEL:-deepseek-ocr} --pages ${PAGES:-512} --max-num-seqs ${SEQS:-512} \
             --baseline off --product engine --work-dir /tmp/benc$e --jsonl "$OUT/benchmarks.jsonl" --tag encoder-batched-$e 2>&1 | tail -1 | cut -c1-400; done ;;

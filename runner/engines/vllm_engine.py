@@ -196,6 +196,30 @@ def engine_kwargs(ec: EngineConfig, model_path: str, guard: bool) -> dict[str, A
     return kw
 
 
+@contextlib.contextmanager
+def _start_lock() -> Any:
+    """``RUNNER_ENGINE_START_LOCK`` (set by ``--engines-per-gpu``): engines sharing a GPU start one
+    at a time, so vLLM's memory profiling of one never sees another's allocations in progress."""
+    path = os.environ.get("RUNNER_ENGINE_START_LOCK")
+    if not path:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a+") as fh:
+        t0 = time.monotonic()
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            log.info("waiting for another engine on this GPU to finish starting (%s)", path)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            log.info("start-up lock taken after %.1f s", time.monotonic() - t0)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def parse_profile_windows(text: str) -> list[tuple[int, int]]:
     """``"5:10,300:30"`` -> [(5, 10), (300, 30)]: profile 10 engine steps from step 5, then 30
     from step 300 (steps counted from "engine ready"). Windows must not overlap."""
@@ -354,8 +378,9 @@ class VllmEngine:
         register()
         _check_plugin_installed()
         self._model_path = files.path
-        self._build()
-        self._warmup()
+        with _start_lock():
+            self._build()
+            self._warmup()
         self._start_thread()
         self.startup_seconds = time.perf_counter() - t0
         log.info("vLLM engine ready in %.1f s (%s, %s)", self.startup_seconds, self.adapter.key, files.path)
