@@ -94,6 +94,8 @@ for step in "$@"; do
     pyspy) log "pyspy: CLI run, py-spy samples of the engine core and of the CLI process during decode (where the ~20 ms of host time per decode step goes)"
           rm -rf /tmp/pyspy_site; python3 -m pip install -q --no-deps --target /tmp/pyspy_site .gpu_carry/wheels/py_spy-*.whl 2>&1 | tail -1
           SPY=$(ls /tmp/pyspy_site/bin/py-spy 2>/dev/null || find /tmp/pyspy_site -name py-spy -type f | head -1); echo "py-spy: $SPY"
+          rm -rf /tmp/prof_ps; mkdir -p /tmp/prof_ps  # fallback if ptrace is not allowed: 4 decode steps with Python stacks
+          RUNNER_PROFILE_DIR=/tmp/prof_ps RUNNER_PROFILE_STEPS=${PSSTEPS:-600:4} RUNNER_PROFILE_STACK=1 \
           RUNNER_SWITCH_INTERVAL_MS=${SWI:-1} timeout -k 10 ${PSTO:-300} python3 tools/bench.py --model-dir $M/deepseek-ocr --pages ${PAGES:-768} --max-num-seqs ${SEQS:-512} --baseline off \
             --product cli --product-timeout ${PSTO2:-280} --work-dir /tmp/ps --jsonl "$OUT/benchmarks.jsonl" --tag pyspy ${PSEXTRA:-} > /tmp/ps.out 2>&1 &
           local_bench=$!
@@ -105,7 +107,8 @@ for step in "$@"; do
           wait $s1 $s2; sleep 1; tail -2 /tmp/spy_ec.log /tmp/spy_cli.log
           $SPY dump --pid $EC > "$OUT/pyspy/engine_core_dump.txt" 2>&1
           wait $local_bench; tail -1 /tmp/ps.out | cut -c1-700; grep "vllm engine: pending" /tmp/ps/product.log | head -12 | cut -c1-160
-          gzip -c /tmp/ps/product.log > "$OUT/pyspy/product.log.gz"; ls -la "$OUT/pyspy" ;;
+          gzip -c /tmp/ps/product.log > "$OUT/pyspy/product.log.gz"; cp /tmp/prof_ps/*.txt "$OUT/pyspy/" 2>/dev/null
+          for t in /tmp/prof_ps/*.pt.trace.json.gz; do [ -f "$t" ] && [ $(stat -c %s "$t") -lt 25000000 ] && cp "$t" "$OUT/pyspy/"; done; ls -la "$OUT/pyspy" ;;
     samab) log "samab: SAM encoder, upstream attention vs bias-free (one prefill step's images)"
           timeout -k 10 ${SAMTO:-240} python3 tools/bench_sam.py --pages ${SAMPAGES:-18} --jsonl "$OUT/benchmarks.jsonl" 2>&1 | tail -4 | cut -c1-600 ;;
     epg) # one engine (512 sequences) vs two engines on the same GPU (--engines-per-gpu 2, 384 each), same pages
