@@ -194,7 +194,7 @@ def plan_workers(
         env: tuple[tuple[str, str], ...] = (("CUDA_VISIBLE_DEVICES", gpu), *secret_env)
         if engines_per_gpu > 1:
             lock = os.path.join(lock_dir or tempfile.gettempdir(), f"runner-engine-start-gpu{gpu}.lock")
-            env += (("RUNNER_ENGINE_START_LOCK", lock),)
+            env += (("RUNNER_ENGINE_START_LOCK", lock), ("RUNNER_ENGINE_GPU_PEERS", str(engines_per_gpu)))
         specs.append(WorkerSpec(gpu=gpu, shard_index=k, num_shards=total, argv=tuple(cmd), env=env))
     return specs
 
@@ -343,6 +343,8 @@ def run_multi_gpu(
 
         outputs = open_storage(output_dir)
     logs.mkdir(parents=True, exist_ok=True)
+    for stale in logs.glob("runner-engine-start-gpu*.lock.ready.*"):  # a reused --log-dir
+        stale.unlink(missing_ok=True)
 
     t0 = time.perf_counter()
     done_before = _count_done(outputs) if outputs is not None else -1

@@ -131,6 +131,7 @@ def test_engines_per_gpu_split_the_memory_share_and_share_a_start_lock(tmp_path)
         assert cmd[cmd.index("--gpu-memory-utilization") + 1] == "0.4000"
     locks = [dict(s.env)["RUNNER_ENGINE_START_LOCK"] for s in specs]
     assert locks[0] == locks[1] != locks[2] == locks[3] and locks[0].startswith(str(tmp_path))
+    assert {dict(s.env)["RUNNER_ENGINE_GPU_PEERS"] for s in specs} == {"2"}
     # the whole-run budget is split the same way; one engine per GPU changes nothing
     [a, _] = plan_workers(["--gpu-memory-gib", "8"], ["0"], ("py",), engines_per_gpu=2)
     assert list(a.argv)[list(a.argv).index("--gpu-memory-gib") + 1] == "4.000"
@@ -224,6 +225,39 @@ def test_run_multi_gpu_runs_one_worker_per_gpu_and_merges(
     }
     assert seen == {"0", "1", "2"}
     assert "stub shard 1 done" in (tmp_path / "logs" / "shard-1-of-3.log").read_text()
+
+
+def test_engines_on_one_gpu_take_pages_only_when_all_are_ready(tmp_path, monkeypatch) -> None:
+    """The K-th engine on a GPU is ready minutes after the first (start-up lock): the first waits
+    for it, or goes on after the timeout."""
+    import threading
+    import time
+
+    from runner.engines import vllm_engine as ve
+
+    lock = tmp_path / "runner-engine-start-gpu0.lock"
+    monkeypatch.setenv("RUNNER_ENGINE_START_LOCK", str(lock))
+    monkeypatch.setenv("RUNNER_ENGINE_GPU_PEERS", "2")
+    done: list[float] = []
+    t = threading.Thread(
+        target=lambda: (ve._wait_for_gpu_peers(timeout_s=30, poll_s=0.05), done.append(time.time()))
+    )
+    t.start()
+    time.sleep(0.5)
+    assert not done  # alone: still waiting
+    peer_ready = time.time()
+    (tmp_path / "runner-engine-start-gpu0.lock.ready.99999").touch()  # the other engine
+    t.join(timeout=10)
+    assert done and done[0] >= peer_ready
+    for f in tmp_path.glob("*.ready.*"):
+        f.unlink()
+    t0 = time.time()
+    ve._wait_for_gpu_peers(timeout_s=0.3, poll_s=0.05)  # the peer never comes: go on
+    assert 0.3 <= time.time() - t0 < 5
+    monkeypatch.setenv("RUNNER_ENGINE_GPU_PEERS", "1")
+    t0 = time.time()
+    ve._wait_for_gpu_peers(timeout_s=30)
+    assert time.time() - t0 < 0.5
 
 
 def test_run_multi_gpu_runs_several_engines_on_one_gpu(

@@ -220,6 +220,37 @@ def _start_lock() -> Any:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _wait_for_gpu_peers(timeout_s: float = 1800.0, poll_s: float = 0.5) -> None:
+    """``RUNNER_ENGINE_GPU_PEERS=K`` (``--engines-per-gpu K``): take pages only once all K engines
+    on this GPU are ready, so they work side by side from the start (the start-up lock makes the
+    K-th engine ready minutes after the first, which would otherwise run alone meanwhile).
+    Each engine leaves ``<lock>.ready.<pid>``; after ``timeout_s`` it goes on with a warning."""
+    lock = os.environ.get("RUNNER_ENGINE_START_LOCK")
+    try:
+        peers = int(os.environ.get("RUNNER_ENGINE_GPU_PEERS", "1"))
+    except ValueError:
+        peers = 1
+    if not lock or peers <= 1:
+        return
+    Path(f"{lock}.ready.{os.getpid()}").touch()
+    folder, stem = os.path.split(lock)
+    t0 = time.monotonic()
+    while True:
+        ready = [n for n in os.listdir(folder or ".") if n.startswith(os.path.basename(stem) + ".ready.")]
+        if len(ready) >= peers:
+            if time.monotonic() - t0 > 1:
+                log.info(
+                    "all %d engines on this GPU ready after %.1f s of waiting", peers, time.monotonic() - t0
+                )
+            return
+        if time.monotonic() - t0 > timeout_s:
+            log.warning(
+                "only %d of %d engines on this GPU ready after %.0f s; going on", len(ready), peers, timeout_s
+            )
+            return
+        time.sleep(poll_s)
+
+
 def parse_profile_windows(text: str) -> list[tuple[int, int]]:
     """``"5:10,300:30"`` -> [(5, 10), (300, 30)]: profile 10 engine steps from step 5, then 30
     from step 300 (steps counted from "engine ready"). Windows must not overlap."""
@@ -381,6 +412,7 @@ class VllmEngine:
         with _start_lock():
             self._build()
             self._warmup()
+        _wait_for_gpu_peers()
         self._start_thread()
         self.startup_seconds = time.perf_counter() - t0
         log.info("vLLM engine ready in %.1f s (%s, %s)", self.startup_seconds, self.adapter.key, files.path)
@@ -551,7 +583,8 @@ class VllmEngine:
             self._pending.clear()
         self._inbox = queue.Queue()
         self._outbox = queue.Queue()
-        self._build()
+        with _start_lock():
+            self._build()
         self._start_thread()
 
     # -- protocol -------------------------------------------------------------------------------
