@@ -322,9 +322,9 @@ def _apply_profile(ec: EngineConfig, run_gib: float | None = None) -> EngineConf
             raise ConfigError(str(e)) from None
         log.info("profile: %s", why)
         ec = dataclasses.replace(ec, gpu_memory_utilization=util)
-    usable = total * ec.gpu_memory_utilization if total is not None else None
-    if run_gib:
-        usable = run_gib - OUTSIDE_VLLM_GIB  # exact (the share above is rounded)
+        usable: float | None = run_gib - OUTSIDE_VLLM_GIB  # exact (the share above is rounded)
+    else:
+        usable = total * ec.gpu_memory_utilization if total is not None else None
     ec, reasons = apply_profile(ec, usable)
     for r in reasons:
         log.info("profile: %s", r)

@@ -112,25 +112,18 @@ def apply_profile(cfg: EngineConfig, gpu_mem_gib: float | None) -> tuple[EngineC
     _set(cfg, changes, reasons, "max_num_seqs", 8, "a few sequences keep the KV reservation small")
     _set(cfg, changes, reasons, "max_model_len", 4096, "vision prompt + 4k output tokens is enough per page")
     _set(cfg, changes, reasons, "max_tokens", 3072, "bounded by the shorter context")
-    _set(
-        cfg,
-        changes,
-        reasons,
-        "max_num_batched_tokens",
-        2048,
-        "a 2k-token step budget keeps the activation peak vLLM reserves small",
-    )
+    if gpu_mem_gib is not None and gpu_mem_gib < TIGHT_BUDGET_GIB:
+        step_tokens, why = (
+            1024,
+            f"under {TIGHT_BUDGET_GIB:g} GiB one page image per step keeps the activation "
+            "reservation smallest",
+        )
+    else:
+        step_tokens, why = 2048, "a 2k-token step budget keeps the activation peak vLLM reserves small"
+    _set(cfg, changes, reasons, "max_num_batched_tokens", step_tokens, why)
     _set(
         cfg, changes, reasons, "resolution", "base", "273 vision tokens instead of ~903, smaller encoder peak"
     )
-    if gpu_mem_gib is not None and gpu_mem_gib < TIGHT_BUDGET_GIB:
-        # replaces the 2048 above (the user's own value would have kept both out)
-        if "max_num_batched_tokens" in changes:
-            changes["max_num_batched_tokens"] = 1024
-            reasons.append(
-                f"max_num_batched_tokens=1024: under {TIGHT_BUDGET_GIB:g} GiB one page image per step "
-                "keeps the activation reservation smallest"
-            )
     if gpu_mem_gib is not None and gpu_mem_gib < OFFLOAD_BELOW_GIB:
         _set(
             cfg,

@@ -206,15 +206,28 @@ def test_merge_summaries_sums_counts_and_recomputes_rate() -> None:
     assert m["engine_startup_s"] == 80.0 and m["shard_balance"] == {"num_shards": 2}
 
 
+def _run_stub_workers(
+    tmp_path: Path, stub: list[str], gpus: str, engines_per_gpu: int = 1
+) -> tuple[int, Path]:
+    out = tmp_path / "out"
+    argv = ["--input-dir", str(tmp_path), "--output-dir", str(out), "--engine", "text"]
+    code = run_multi_gpu(
+        argv,
+        gpus,
+        worker_cmd=stub,
+        prescan=None,
+        log_dir=str(tmp_path / "logs"),
+        poll_s=0.5,
+        engines_per_gpu=engines_per_gpu,
+    )
+    return code, out
+
+
 def test_run_multi_gpu_runs_one_worker_per_gpu_and_merges(
     tmp_path: Path, stub: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    out = tmp_path / "out"
-    argv = ["--input-dir", str(tmp_path), "--output-dir", str(out), "--engine", "text"]
-    code = run_multi_gpu(
-        argv, "0,1,2", worker_cmd=stub, prescan=None, log_dir=str(tmp_path / "logs"), poll_s=0.5
-    )
+    code, out = _run_stub_workers(tmp_path, stub, "0,1,2")
     assert code == 0
     merged = json.loads((out / "_run_summary.json").read_text())
     assert merged["files"]["ok"] == 1 + 2 + 3 and merged["pages_total"] == 60
@@ -264,17 +277,7 @@ def test_run_multi_gpu_runs_several_engines_on_one_gpu(
     tmp_path: Path, stub: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    out = tmp_path / "out"
-    argv = ["--input-dir", str(tmp_path), "--output-dir", str(out), "--engine", "text"]
-    code = run_multi_gpu(
-        argv,
-        "0",
-        worker_cmd=stub,
-        prescan=None,
-        log_dir=str(tmp_path / "logs"),
-        poll_s=0.5,
-        engines_per_gpu=2,
-    )
+    code, out = _run_stub_workers(tmp_path, stub, "0", engines_per_gpu=2)
     assert code == 0
     merged = json.loads((out / "_run_summary.json").read_text())
     assert merged["files"]["ok"] == 1 + 2 and [w["exit_code"] for w in merged["workers"]] == [0, 0]

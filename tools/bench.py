@@ -168,6 +168,7 @@ class Monitor:
         self.samples: list[tuple[float, list[float], list[float], float]] = []
         #: peak GPU memory per process (NVML), "pid name" -> GiB: which process holds what
         self.proc_peaks: dict[str, float] = {}
+        self._proc_names: dict[int, str] = {}  # pid -> "pid cmdline", read once per process
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
@@ -213,11 +214,13 @@ class Monitor:
             used = getattr(p, "usedGpuMemory", None)
             if not used:
                 continue
-            try:
-                name = " ".join(psutil.Process(p.pid).cmdline()[:2])[-60:]
-            except Exception:
-                name = "?"
-            key = f"{p.pid} {name}"
+            key = self._proc_names.get(p.pid)
+            if key is None:
+                try:
+                    name = " ".join(psutil.Process(p.pid).cmdline()[:2])[-60:]
+                except Exception:
+                    name = "?"
+                key = self._proc_names[p.pid] = f"{p.pid} {name}"
             self.proc_peaks[key] = max(self.proc_peaks.get(key, 0.0), round(used / 2**30, 2))
 
     def summary(self, t0: float, t1: float) -> dict[str, Any]:

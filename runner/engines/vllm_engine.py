@@ -233,10 +233,10 @@ def _wait_for_gpu_peers(timeout_s: float = 1800.0, poll_s: float = 0.5) -> None:
     if not lock or peers <= 1:
         return
     Path(f"{lock}.ready.{os.getpid()}").touch()
-    folder, stem = os.path.split(lock)
+    folder, name = os.path.split(lock)
     t0 = time.monotonic()
     while True:
-        ready = [n for n in os.listdir(folder or ".") if n.startswith(os.path.basename(stem) + ".ready.")]
+        ready = [n for n in os.listdir(folder or ".") if n.startswith(name + ".ready.")]
         if len(ready) >= peers:
             if time.monotonic() - t0 > 1:
                 log.info(
