@@ -45,3 +45,21 @@ def test_nvml_errors_do_not_stop_sampling() -> None:
     m = bench.Monitor()
     m._sample_processes(Broken(), None, psutil)
     assert m.proc_peaks == {} and "gpu_mem_peak_gib_per_process" not in m.summary(0, 1)
+
+
+def test_memory_peaks_are_split_into_start_up_and_run() -> None:
+    """A capped run's peak must say whether it came while the engine started (loading, profiling,
+    graph capture) or while pages ran: samples before t0 are start-up, [t0, t1] the run."""
+    m = bench.Monitor()
+    # (time, busy %, device GiB, cpu %): 0.5 before anything, 6.2 during start-up, 5.1 in the run
+    m.samples = [(1.0, [0.0], [0.5], 1.0), (2.0, [10.0], [6.2], 5.0), (3.0, [90.0], [5.1], 9.0), (4.0, [80.0], [4.9], 9.0)]
+    m.proc_peaks = {"7 engine": 5.7}
+    m.proc_samples = [(2.0, "7 engine", 5.7), (3.0, "7 engine", 4.6), (4.0, "7 engine", 4.4)]
+    out = m.summary(3.0, 4.0)
+    assert out["gpu_mem_first_sample_gib"] == 0.5
+    assert out["gpu_mem_peak_start_up_gib"] == 6.2
+    assert out["gpu_mem_peak_run_gib"] == 5.1
+    assert out["gpu_mem_peak_gib"] == 6.2
+    assert out["gpu_mem_peak_gib_per_process"] == {"7 engine": 5.7}
+    assert out["gpu_mem_peak_gib_per_process_run"] == {"7 engine": 4.6}
+    assert out["gpu_busy_fraction"] == 0.85

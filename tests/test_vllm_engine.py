@@ -536,3 +536,20 @@ def test_step_profiler_windows_follow_the_feeding_threads_steps(
     assert first.startswith("table after step 3") and "window: steps 1..2, wall" in first
     assert (tmp_path / "profile_4_1.txt").read_text().startswith("table after step 5")
     assert not (tmp_path / "profiler_out_0.txt").exists()
+
+
+@pytest.mark.skipif(not HAS_VLLM, reason="our model classes import vLLM: GPU machine")
+def test_model_subclasses_have_vllm_current_init_signature() -> None:
+    """vLLM builds a model class with ``vllm_config=...`` only when its ``__init__`` names
+    ``vllm_config``; ``*args, **kwargs`` made it guess an old-style class and fail at load time
+    (GPU session 5)."""
+    import inspect
+
+    from vllm.model_executor.models.interfaces_base import _check_vllm_model_init
+
+    from runner.vllm_plugin.fast_processor import ARCHITECTURES
+
+    for cls in ARCHITECTURES.values():
+        params = inspect.signature(cls.__init__).parameters
+        assert "vllm_config" in params and "prefix" in params, cls
+        assert _check_vllm_model_init(cls), cls

@@ -169,6 +169,8 @@ class Monitor:
         #: peak GPU memory per process (NVML), "pid name" -> GiB: which process holds what
         self.proc_peaks: dict[str, float] = {}
         self._proc_names: dict[int, str] = {}  # pid -> "pid cmdline", read once per process
+        #: (time, "pid name", GiB) per sample: the per-process peak of the run alone, not start-up
+        self.proc_samples: list[tuple[float, str, float]] = []
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
@@ -221,7 +223,9 @@ class Monitor:
                 except Exception:
                     name = "?"
                 key = self._proc_names[p.pid] = f"{p.pid} {name}"
-            self.proc_peaks[key] = max(self.proc_peaks.get(key, 0.0), round(used / 2**30, 2))
+            gib = round(used / 2**30, 2)
+            self.proc_peaks[key] = max(self.proc_peaks.get(key, 0.0), gib)
+            self.proc_samples.append((time.time(), key, gib))
 
     def summary(self, t0: float, t1: float) -> dict[str, Any]:
         s = [x for x in self.samples if t0 <= x[0] <= t1]
@@ -236,8 +240,21 @@ class Monitor:
             "host_cores_busy": round(sum(cpus) / len(cpus) * ncpu / 100, 1) if cpus else None,
             "host_cores": ncpu,
         }
+        # Where the peak happens (issue 11's capped runs): what the device held before our
+        # processes, the peak during start-up (samples before t0) and during the run itself.
+        if mems:
+            before = [max(x[2]) for x in self.samples if x[2] and x[0] < t0]
+            out["gpu_mem_first_sample_gib"] = round(mems[0], 2)
+            out["gpu_mem_peak_start_up_gib"] = round(max(before), 2) if before else None
+            run = [max(x[2]) for x in s if x[2]]
+            out["gpu_mem_peak_run_gib"] = round(max(run), 2) if run else None
         if self.proc_peaks:
             out["gpu_mem_peak_gib_per_process"] = dict(self.proc_peaks)
+            run_peaks: dict[str, float] = {}
+            for t, key, gib in self.proc_samples:
+                if t0 <= t <= t1:
+                    run_peaks[key] = max(run_peaks.get(key, 0.0), gib)
+            out["gpu_mem_peak_gib_per_process_run"] = run_peaks
         ndev = max((len(x[1]) for x in self.samples), default=0)
         if ndev > 1:
             per = [x[1] for x in s if len(x[1]) == ndev]

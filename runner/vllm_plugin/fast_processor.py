@@ -164,8 +164,10 @@ class FastDeepseekOCRForCausalLM(BatchedOCRMixin, DeepseekOCRForCausalLM):
     """Upstream's model; its input processor, the batching of its vision encoder and SAM's
     attention kernel (``sam_attention``) differ."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    # The keyword-only ``vllm_config`` signature is how vLLM recognises a current model class
+    # (``*args, **kwargs`` makes it guess an old-style one and fail).
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
         _patch_sam(self)
 
 
@@ -176,8 +178,10 @@ class FastDeepseekOCR2ForCausalLM(BatchedOCR2Mixin, DeepseekOCR2ForCausalLM):
     """Upstream's model; its input processor, the batching of its vision encoder and SAM's
     attention kernel (``sam_attention``) differ."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    # The keyword-only ``vllm_config`` signature is how vLLM recognises a current model class
+    # (``*args, **kwargs`` makes it guess an old-style one and fail).
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
         _patch_sam(self)
 
 
