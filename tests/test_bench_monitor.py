@@ -52,7 +52,12 @@ def test_memory_peaks_are_split_into_start_up_and_run() -> None:
     graph capture) or while pages ran: samples before t0 are start-up, [t0, t1] the run."""
     m = bench.Monitor()
     # (time, busy %, device GiB, cpu %): 0.5 before anything, 6.2 during start-up, 5.1 in the run
-    m.samples = [(1.0, [0.0], [0.5], 1.0), (2.0, [10.0], [6.2], 5.0), (3.0, [90.0], [5.1], 9.0), (4.0, [80.0], [4.9], 9.0)]
+    m.samples = [
+        (1.0, [0.0], [0.5], 1.0),
+        (2.0, [10.0], [6.2], 5.0),
+        (3.0, [90.0], [5.1], 9.0),
+        (4.0, [80.0], [4.9], 9.0),
+    ]
     m.proc_peaks = {"7 engine": 5.7}
     m.proc_samples = [(2.0, "7 engine", 5.7), (3.0, "7 engine", 4.6), (4.0, "7 engine", 4.4)]
     out = m.summary(3.0, 4.0)
