@@ -311,6 +311,7 @@ def gpu_memory_gib() -> float | None:
 
 def _apply_profile(ec: EngineConfig, run_gib: float | None = None) -> EngineConfig:
     from runner.profiles import OUTSIDE_VLLM_GIB, BudgetError, apply_profile, vllm_utilization_for
+    from runner.vllm_plugin.memory_cap import OUTSIDE_ALLOCATOR_GIB
 
     total = gpu_memory_gib() if (ec.profile != "default" or run_gib) else None
     if run_gib:
@@ -321,7 +322,15 @@ def _apply_profile(ec: EngineConfig, run_gib: float | None = None) -> EngineConf
         except BudgetError as e:
             raise ConfigError(str(e)) from None
         log.info("profile: %s", why)
-        ec = dataclasses.replace(ec, gpu_memory_utilization=util)
+        cap = round(run_gib - OUTSIDE_ALLOCATOR_GIB, 2)
+        ec = dataclasses.replace(ec, gpu_memory_utilization=util, torch_memory_cap_gib=cap)
+        log.info(
+            "profile: the engine core's PyTorch allocator is capped at %.2f GiB (%g minus ~%g GiB "
+            "it holds outside the allocator)",
+            cap,
+            run_gib,
+            OUTSIDE_ALLOCATOR_GIB,
+        )
         usable: float | None = run_gib - OUTSIDE_VLLM_GIB  # exact (the share above is rounded)
     else:
         usable = total * ec.gpu_memory_utilization if total is not None else None

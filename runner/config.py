@@ -38,6 +38,9 @@ class EngineConfig:
     cache_dir: str | None = None  # Hugging Face cache dir
     profile: str = "auto"  # "auto" | "default" | "low-vram" (runner/profiles.py)
     cpu_offload_gb: float = 0.0
+    #: hard cap (GiB) on the engine core's PyTorch allocator; set by --gpu-memory-gib
+    #: (runner/vllm_plugin/memory_cap.py). None: no cap.
+    torch_memory_cap_gib: float | None = None
     hf_batch_size: int = 4
     device: str | None = None  # Transformers engine device ("cuda", "cpu"); None = auto
     warmup_pages: int = -1  # vLLM warm-up batch before timing starts; -1 = min(max_num_seqs, 512)

@@ -37,6 +37,10 @@ MID_VRAM_GIB = 30.0  # at or below this, ``auto`` trims the batch
 # (GPU session 4, low-VRAM profile, NVML device peak minus vLLM's budget) 1.67 GiB at a 6 GiB and
 # at an 8 GiB budget alike: the engine core's CUDA context (~0.52 GiB, in use before vLLM measures)
 # plus ~1.15 GiB vLLM does not count. A run told it may use N GiB gives vLLM N minus this.
+# GPU session 5 (bias-free SAM attention): engine-core process peaks 6.24 GiB at N=6 (vLLM 4.30)
+# and 7.16 GiB at N=8 (vLLM 6.30): 8 GiB fits, 6 GiB is 0.24 GiB over; the excess over vLLM's
+# count was 1.94 vs 0.86 GiB, so it is not a constant. --gpu-memory-gib therefore also caps the
+# engine core's PyTorch allocator (runner/vllm_plugin/memory_cap.py), unmeasured yet.
 OUTSIDE_VLLM_GIB = 1.7
 # A low-VRAM budget below this also halves the step's token budget (one page image profiled
 # instead of two: a smaller activation reservation, more room for KV).

@@ -168,6 +168,7 @@ def test_gpu_memory_gib_sets_vllms_share_and_refuses_what_the_card_lacks(tmp_pat
 
     from runner import cli
     from runner.profiles import OUTSIDE_VLLM_GIB
+    from runner.vllm_plugin.memory_cap import OUTSIDE_ALLOCATOR_GIB
 
     monkeypatch.setattr(cli, "gpu_memory_gib", lambda: 79.18)
     pdfgen.text_pdf(tmp_path / "in" / "a.pdf", pages=1)
@@ -188,6 +189,9 @@ def test_gpu_memory_gib_sets_vllms_share_and_refuses_what_the_card_lacks(tmp_pat
     ec = cfg.engine_config
     assert ec.gpu_memory_utilization == round((6 - OUTSIDE_VLLM_GIB) / 79.18, 4)
     assert ec.enable_fp8_weights and ec.max_num_batched_tokens == 1024 and ec.cpu_offload_gb == 0.0
+    # the engine core's allocator is held under the run's budget (memory_cap.py)
+    assert ec.torch_memory_cap_gib == round(6 - OUTSIDE_ALLOCATOR_GIB, 2)
+    assert ec.gpu_memory_utilization * 79.18 < ec.torch_memory_cap_gib < 6
     code = main(
         [
             "--input-dir",

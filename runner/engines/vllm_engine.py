@@ -118,6 +118,18 @@ def _set_switch_interval() -> None:
         sys.setswitchinterval(ms / 1000.0)
 
 
+def _export_memory_cap(cap_gib: float | None) -> None:
+    """Hand ``--gpu-memory-gib``'s allocator cap to the engine core (spawned: it inherits the
+    environment; runner/vllm_plugin/memory_cap.py applies it). No cap: the variable is removed, so
+    a restart after a capped engine in the same process is not capped by accident."""
+    from runner.vllm_plugin.memory_cap import ENV
+
+    if cap_gib:
+        os.environ[ENV] = f"{cap_gib:g}"
+    else:
+        os.environ.pop(ENV, None)
+
+
 def adapter_for_model(model: str) -> ModelAdapter:
     """The adapter for ``--model`` without downloading anything (local config.json, or hub id)."""
     from runner.adapters import ADAPTERS
@@ -395,6 +407,7 @@ class VllmEngine:
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         _set_switch_interval()
+        _export_memory_cap(self.ec.torch_memory_cap_gib)
         import vllm
 
         from runner.model_files import resolve_model

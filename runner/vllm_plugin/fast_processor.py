@@ -52,6 +52,7 @@ from vllm.multimodal.parse import (
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from runner.vllm_plugin.batched_encoder import BatchedOCR2Mixin, BatchedOCRMixin
+from runner.vllm_plugin.memory_cap import apply_from_env as apply_memory_cap
 from runner.vllm_plugin.preprocess import ViewSpec, num_image_tokens
 from runner.vllm_plugin.sam_attention import patch_sam_attention
 
@@ -168,7 +169,7 @@ class FastDeepseekOCRForCausalLM(BatchedOCRMixin, DeepseekOCRForCausalLM):
     # (``*args, **kwargs`` makes it guess an old-style one and fail).
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        _patch_sam(self)
+        _prepare_model(self)
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -182,10 +183,11 @@ class FastDeepseekOCR2ForCausalLM(BatchedOCR2Mixin, DeepseekOCR2ForCausalLM):
     # (``*args, **kwargs`` makes it guess an old-style one and fail).
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        _patch_sam(self)
+        _prepare_model(self)
 
 
-def _patch_sam(model: Any) -> None:
+def _prepare_model(model: Any) -> None:
+    apply_memory_cap()  # built in the engine core's worker: device set, weights not yet loaded
     sam = getattr(model, "sam_model", None)
     if sam is not None:
         n = patch_sam_attention(sam)
