@@ -158,32 +158,30 @@ class FastOCR2MultiModalProcessor(_PreparedMixin, DeepseekOCR2MultiModalProcesso
     _strategy = "v2"
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    FastOCRMultiModalProcessor, info=FastOCRProcessingInfo, dummy_inputs=DeepseekOCRDummyInputsBuilder
-)
-class FastDeepseekOCRForCausalLM(BatchedOCRMixin, DeepseekOCRForCausalLM):
-    """Upstream's model; its input processor, the batching of its vision encoder and SAM's
-    attention kernel (``sam_attention``) differ."""
+class _PreparedModel:
+    """Both model classes: cap the allocator and patch SAM's attention once vLLM has built them."""
 
     # The keyword-only ``vllm_config`` signature is how vLLM recognises a current model class
     # (``*args, **kwargs`` makes it guess an old-style one and fail).
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]  # the vLLM model after us in the MRO
         _prepare_model(self)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    FastOCRMultiModalProcessor, info=FastOCRProcessingInfo, dummy_inputs=DeepseekOCRDummyInputsBuilder
+)
+class FastDeepseekOCRForCausalLM(_PreparedModel, BatchedOCRMixin, DeepseekOCRForCausalLM):
+    """Upstream's model; its input processor, the batching of its vision encoder and SAM's
+    attention kernel (``sam_attention``) differ."""
 
 
 @MULTIMODAL_REGISTRY.register_processor(
     FastOCR2MultiModalProcessor, info=FastOCR2ProcessingInfo, dummy_inputs=DeepseekOCR2DummyInputsBuilder
 )
-class FastDeepseekOCR2ForCausalLM(BatchedOCR2Mixin, DeepseekOCR2ForCausalLM):
+class FastDeepseekOCR2ForCausalLM(_PreparedModel, BatchedOCR2Mixin, DeepseekOCR2ForCausalLM):
     """Upstream's model; its input processor, the batching of its vision encoder and SAM's
     attention kernel (``sam_attention``) differ."""
-
-    # The keyword-only ``vllm_config`` signature is how vLLM recognises a current model class
-    # (``*args, **kwargs`` makes it guess an old-style one and fail).
-    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        _prepare_model(self)
 
 
 def _prepare_model(model: Any) -> None:
