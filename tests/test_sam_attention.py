@@ -158,3 +158,56 @@ def test_whole_sam_encoder_equals_upstream_in_float64() -> None:
             assert sa.patch_sam_attention(sam) == 12
             got = sam(x)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_compile_encoder_is_opt_in_keeps_parameter_names_and_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    m = nn.Sequential(RelPosAttention(32, 2, (4, 4)), nn.Linear(32, 8)).eval()
+    names = [n for n, _ in m.named_parameters()]
+    monkeypatch.delenv("RUNNER_COMPILE_SAM", raising=False)
+    assert sa.compile_encoder(m) is False  # off by default
+    assert "forward" not in m.__dict__
+    x = torch.randn(2, 4, 4, 32)
+    with torch.no_grad():
+        want = m(x)
+    monkeypatch.setenv("RUNNER_COMPILE_SAM", "1")
+    assert sa.compile_encoder(m) is True
+    assert sa.compile_encoder(m) is False  # once
+    assert [n for n, _ in m.named_parameters()] == names  # weight loading sees the same names
+    assert m.state_dict().keys() == dict.fromkeys(names).keys()
+    with torch.no_grad():
+        got = m(x)
+        got3 = m(torch.randn(3, 4, 4, 32))  # another batch size: dynamic, no failure
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert got3.shape == (3, 4, 4, 8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (GPU machine)")
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (GPU machine)")
+def test_compiled_sam_encoder_matches_eager_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RUNNER_COMPILE_SAM=1 on vLLM's SAM ViT-B (patched attention) in bf16: same output as the
+    eager module to bf16 precision, for two batch sizes and both view sizes (1024², 640²)."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.models.deepencoder import build_sam_vit_b
+
+    torch.manual_seed(0)
+    with set_current_vllm_config(VllmConfig()):
+        sam = build_sam_vit_b().to("cuda", torch.bfloat16).eval()
+        with torch.no_grad():
+            for name, p in sam.named_parameters():
+                if "rel_pos" in name:
+                    p.normal_(0, 0.5)
+                elif "norm" in name and name.endswith("weight"):
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0, 0.02)
+            sa.patch_sam_attention(sam)
+            inputs = [
+                torch.randn(b, 3, s, s, device="cuda", dtype=torch.bfloat16)
+                for b, s in ((2, 1024), (3, 640), (5, 640))
+            ]
+            want = [sam(x).float() for x in inputs]
+            monkeypatch.setenv("RUNNER_COMPILE_SAM", "1")
+            assert sa.compile_encoder(sam)
+            got = [sam(x).float() for x in inputs]
+    for g, w in zip(got, want):
+        assert ((g - w).norm() / w.norm()).item() < 2e-2

@@ -15,6 +15,7 @@ import contextlib
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,7 +32,25 @@ def _config_context() -> contextlib.AbstractContextManager[object]:
         return contextlib.nullcontext()
 
 
-def run(pages: int, crops: int, repeats: int, chunk: int) -> list[dict[str, object]]:
+def _top_kernels(fn: Callable[[], object], n: int = 12) -> list[dict[str, object]]:
+    """One call of ``fn`` under torch's profiler: the ``n`` kernels with the most CUDA time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t:
+            rows.append({"kernel": ev.key[:90], "ms": round(t / 1e3, 2), "calls": ev.count})
+    rows.sort(key=lambda r: -float(r["ms"]))  # type: ignore[arg-type]
+    return rows[:n]
+
+
+def run(
+    pages: int, crops: int, repeats: int, chunk: int, variants: list[str], profile: bool
+) -> list[dict[str, object]]:
     from vllm.model_executor.models.deepencoder import build_sam_vit_b
 
     from runner.vllm_plugin.sam_attention import patch_sam_attention
@@ -57,11 +76,23 @@ def run(pages: int, crops: int, repeats: int, chunk: int) -> list[dict[str, obje
 
     results = []
     ref: tuple[torch.Tensor, torch.Tensor] | None = None
-    for variant in ("upstream", "bias-free"):
-        if variant == "bias-free":
-            patched = patch_sam_attention(sam)
+    patched = 0
+    eager = sam
+    for variant in variants:
+        if variant != "upstream" and not patched:
+            patched = patch_sam_attention(eager)
+        # "+compile": torch.compile (inductor) of the whole encoder, batch size dynamic
+        sam = torch.compile(eager, dynamic=True) if variant.endswith("+compile") else eager
         with torch.no_grad():
-            encode()  # warm-up (kernel selection, allocator)
+            t_warm = time.perf_counter()
+            try:
+                encode()  # warm-up (kernel selection, allocator; compilation for "+compile")
+            except Exception as e:  # a variant that cannot run is reported, not fatal
+                err = f"{type(e).__name__}: {e}"[:400]
+                results.append({"bench": "sam-encoder", "variant": variant, "error": err})
+                continue
+            torch.cuda.synchronize()
+            warm_s = time.perf_counter() - t_warm
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
@@ -80,16 +111,19 @@ def run(pages: int, crops: int, repeats: int, chunk: int) -> list[dict[str, obje
             "ms_per_step": round(dt * 1e3, 1),
             "ms_per_page": round(dt * 1e3 / pages, 2),
             "activation_peak_gib": round(peak, 2),
+            "warmup_s": round(warm_s, 1),
             "device": torch.cuda.get_device_name(0),
             "torch": torch.__version__,
         }
-        if variant == "bias-free":
+        if variant != "upstream" and ref is not None:
             row["layers_patched"] = patched
-            assert ref is not None
             rel = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(out, ref))
             row["rel_diff_vs_upstream"] = round(rel, 5)
         else:
             ref = out
+        if profile:
+            with torch.no_grad():
+                row["top_kernels"] = _top_kernels(encode)
         results.append(row)
     return results
 
@@ -100,21 +134,24 @@ def main() -> None:
     ap.add_argument("--crops-per-page", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--chunk", type=int, default=32, help="images per encoder call (RUNNER_ENCODER_BATCH)")
+    ap.add_argument(
+        "--variants", default="upstream,bias-free", help="comma list: upstream, bias-free, bias-free+compile"
+    )
+    ap.add_argument("--profile", action="store_true", help="each variant's top CUDA kernels (torch profiler)")
     ap.add_argument("--jsonl")
     a = ap.parse_args()
     with _config_context():  # vLLM's custom layers read the current config, also in forward
-        rows = run(a.pages, a.crops_per_page, a.repeats, a.chunk)
+        rows = run(a.pages, a.crops_per_page, a.repeats, a.chunk, a.variants.split(","), a.profile)
     for r in rows:
         print(json.dumps(r))
     if a.jsonl:
         with open(a.jsonl, "a") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
-    up, fast = rows
-    print(
-        f"SAM encoder: {up['ms_per_page']} -> {fast['ms_per_page']} ms/page, "
-        f"activation peak {up['activation_peak_gib']} -> {fast['activation_peak_gib']} GiB"
-    )
+    for r in rows:
+        ms = r.get("ms_per_page", r.get("error"))
+        peak = r.get("activation_peak_gib")
+        print(f"SAM encoder, {r['variant']}: {ms} ms/page, activation peak {peak} GiB")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 from runner.vllm_plugin.batched_encoder import BatchedOCR2Mixin, BatchedOCRMixin
 from runner.vllm_plugin.memory_cap import apply_from_env as apply_memory_cap
 from runner.vllm_plugin.preprocess import ViewSpec, num_image_tokens
-from runner.vllm_plugin.sam_attention import patch_sam_attention
+from runner.vllm_plugin.sam_attention import compile_encoder, patch_sam_attention
 
 _log = logging.getLogger("vllm.deepseek_ocr_pipeline")
 
@@ -190,6 +190,8 @@ def _prepare_model(model: Any) -> None:
     if sam is not None:
         n = patch_sam_attention(sam)
         _log.info("SAM relative-position attention without a materialised bias: %d layer(s)", n)
+        if compile_encoder(sam):
+            _log.info("SAM encoder compiled with torch.compile (RUNNER_COMPILE_SAM=1)")
 
 
 ARCHITECTURES = {
