@@ -15,7 +15,9 @@ process-global constant of upstream's processor.
 process that runs vLLM's input processing). The model classes are upstream's with two overrides:
 the vision encoder runs over all pages of a step at once (``batched_encoder``;
 ``RUNNER_BATCHED_ENCODER=0`` keeps upstream's per-page loop), and SAM's relative-position
-attention runs without a materialised bias (``sam_attention``; ``RUNNER_FAST_SAM_ATTENTION=0``).
+attention runs without a materialised bias (``sam_attention``; ``RUNNER_FAST_SAM_ATTENTION=0``);
+OCR-2's encoder mask is built without a per-query Python loop (``encoder_mask``;
+``RUNNER_FAST_ENCODER_MASK=0``).
 """
 
 from __future__ import annotations
@@ -52,9 +54,10 @@ from vllm.multimodal.parse import (
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from runner.vllm_plugin.batched_encoder import BatchedOCR2Mixin, BatchedOCRMixin
+from runner.vllm_plugin.encoder_mask import patch_encoder_mask
 from runner.vllm_plugin.memory_cap import apply_from_env as apply_memory_cap
 from runner.vllm_plugin.preprocess import ViewSpec, num_image_tokens
-from runner.vllm_plugin.sam_attention import compile_encoder, patch_sam_attention
+from runner.vllm_plugin.sam_attention import patch_sam_attention
 
 _log = logging.getLogger("vllm.deepseek_ocr_pipeline")
 
@@ -159,7 +162,8 @@ class FastOCR2MultiModalProcessor(_PreparedMixin, DeepseekOCR2MultiModalProcesso
 
 
 class _PreparedModel:
-    """Both model classes: cap the allocator and patch SAM's attention once vLLM has built them."""
+    """Both model classes: cap the allocator, patch SAM's attention (and OCR-2's encoder mask) once
+    vLLM has built them."""
 
     # The keyword-only ``vllm_config`` signature is how vLLM recognises a current model class
     # (``*args, **kwargs`` makes it guess an old-style one and fail).
@@ -190,8 +194,10 @@ def _prepare_model(model: Any) -> None:
     if sam is not None:
         n = patch_sam_attention(sam)
         _log.info("SAM relative-position attention without a materialised bias: %d layer(s)", n)
-        if compile_encoder(sam):
-            _log.info("SAM encoder compiled with torch.compile (RUNNER_COMPILE_SAM=1)")
+    qwen2 = getattr(model, "qwen2_model", None)  # OCR-2's encoder
+    if qwen2 is not None:
+        n = patch_encoder_mask(qwen2)
+        _log.info("OCR-2 encoder mask built with tensor operations: %d module(s)", n)
 
 
 ARCHITECTURES = {

@@ -22,9 +22,9 @@ kernel's fp32 accumulator instead of being rounded to bf16 first as upstream doe
 differ from upstream's in the last bits only (tests: ``tests/test_sam_attention.py`` on CPU
 against a copy of upstream's forward, and on the GPU machine against upstream's own module).
 
-``RUNNER_FAST_SAM_ATTENTION=0`` keeps upstream's forward. ``RUNNER_COMPILE_SAM=1`` also compiles
-the encoder's forward with ``torch.compile`` (``compile_encoder``; off by default until measured
-in the engine: ``tools/bench_sam.py --variants bias-free,bias-free+compile`` times it alone).
+``RUNNER_FAST_SAM_ATTENTION=0`` keeps upstream's forward. (``torch.compile`` of the whole encoder
+on top of this was measured in GPU session 6 and gave nothing: 17.2 -> 17.4 ms/page, 93 s of
+compilation; ``tools/bench_sam.py --variants bias-free,bias-free+compile`` repeats it.)
 """
 
 from __future__ import annotations
@@ -159,18 +159,3 @@ def patch_sam_attention(module: torch.nn.Module) -> int:
                 m.__dict__["forward"] = types.MethodType(fast_forward, m)
                 n += 1
     return n
-
-
-def compile_enabled() -> bool:
-    return os.environ.get("RUNNER_COMPILE_SAM", "0") == "1"
-
-
-def compile_encoder(module: torch.nn.Module) -> bool:
-    """With ``RUNNER_COMPILE_SAM=1``: replace ``module``'s forward (instance attribute) by its
-    ``torch.compile``d version, the batch size dynamic (the engine batches a varying number of
-    views). Parameters keep their names, so weight loading is untouched. Returns whether it did."""
-    if not compile_enabled() or "_runner_eager_forward" in module.__dict__:
-        return False
-    module.__dict__["_runner_eager_forward"] = module.forward
-    module.__dict__["forward"] = torch.compile(module.forward, dynamic=True)
-    return True
