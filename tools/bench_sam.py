@@ -1,5 +1,6 @@
 """Time vLLM's SAM image encoder (DeepSeek-OCR's `build_sam_vit_b`) with upstream's attention and
-with the bias-free attention of runner/vllm_plugin/sam_attention.py, on the same random weights
+with the bias-free attention of runner/vllm_plugin/sam_attention.py (bias folded into widened heads,
+or ``flex``: added inside FlexAttention), on the same random weights
 and inputs (GPU machine; needs vLLM). One JSON line per variant; appended to --jsonl if given.
 
     python tools/bench_sam.py --pages 18 --crops-per-page 6 --jsonl OUT/benchmarks.jsonl
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -81,7 +83,9 @@ def run(
     for variant in variants:
         if variant != "upstream" and not patched:
             patched = patch_sam_attention(eager)
-        # "+compile": torch.compile (inductor) of the whole encoder, batch size dynamic
+        # "flex": the bias added inside FlexAttention (64-wide heads); "bias-free": folded into
+        # widened heads; "+compile": torch.compile (inductor) of the whole encoder, batch dynamic
+        os.environ["RUNNER_SAM_ATTENTION"] = "flex" if variant.startswith("flex") else "cat"
         sam = torch.compile(eager, dynamic=True) if variant.endswith("+compile") else eager
         with torch.no_grad():
             t_warm = time.perf_counter()
@@ -135,7 +139,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--chunk", type=int, default=32, help="images per encoder call (RUNNER_ENCODER_BATCH)")
     ap.add_argument(
-        "--variants", default="upstream,bias-free", help="comma list: upstream, bias-free, bias-free+compile"
+        "--variants",
+        default="upstream,bias-free,flex",
+        help="comma list: upstream, bias-free, flex, bias-free+compile",
     )
     ap.add_argument("--profile", action="store_true", help="each variant's top CUDA kernels (torch profiler)")
     ap.add_argument("--jsonl")

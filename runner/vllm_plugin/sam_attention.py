@@ -22,6 +22,12 @@ kernel's fp32 accumulator instead of being rounded to bf16 first as upstream doe
 differ from upstream's in the last bits only (tests: ``tests/test_sam_attention.py`` on CPU
 against a copy of upstream's forward, and on the GPU machine against upstream's own module).
 
+GPU session 6's profile of this path (one 18-page step, H100): the widened heads triple the
+attention's FLOPs (71 of 310 ms in the 64×64 global layers) and the concatenations/pads that build
+q', k', v' cost another ~37 ms. ``RUNNER_SAM_ATTENTION=flex`` instead keeps the 64-wide heads and
+adds the bias inside PyTorch's FlexAttention (``score_mod`` reads rel_h/rel_w; compiled on CUDA);
+equal to upstream in float64 on CPU, its speed not yet measured (so not the default).
+
 ``RUNNER_FAST_SAM_ATTENTION=0`` keeps upstream's forward. (``torch.compile`` of the whole encoder
 on top of this was measured in GPU session 6 and gave nothing: 17.2 -> 17.4 ms/page, 93 s of
 compilation; ``tools/bench_sam.py --variants bias-free,bias-free+compile`` repeats it.)
@@ -116,18 +122,75 @@ def rel_pos_attention(
     return out[..., :d]
 
 
+_flex_compiled: Any = None
+
+
+def _flex() -> Any:
+    """``flex_attention``, compiled on CUDA (its eager form is a slow reference), eager elsewhere."""
+    global _flex_compiled
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention, dynamic=True)
+    return _flex_compiled
+
+
+def flex_rel_pos_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_h: torch.Tensor,
+    rel_w: torch.Tensor,
+    scale: float,
+    compiled: bool | None = None,
+) -> torch.Tensor:
+    """The same scores as ``rel_pos_attention`` with PyTorch's FlexAttention: the head stays 64
+    wide and the bias is added inside the kernel (``score_mod`` reads rel_h/rel_w), so neither a
+    HW x HW tensor nor widened q/k/v copies are written. ``RUNNER_SAM_ATTENTION=flex``."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    w = rel_w.shape[-1]
+
+    def score_mod(score: torch.Tensor, b: Any, h: Any, qi: Any, kv: Any) -> torch.Tensor:
+        return score + rel_h[b, h, qi, kv // w] + rel_w[b, h, qi, kv % w]
+
+    use_compiled = q.is_cuda if compiled is None else compiled
+    fn = _flex() if use_compiled else flex_attention
+    return fn(q, k, v, score_mod=score_mod, scale=scale)  # type: ignore[no-any-return]
+
+
+def attention_impl() -> str:
+    """``RUNNER_SAM_ATTENTION``: ``cat`` (default: the bias folded into widened heads) or
+    ``flex`` (FlexAttention ``score_mod``; GPU-measured in ``tools/bench_sam.py`` before it may
+    become the default)."""
+    return os.environ.get("RUNNER_SAM_ATTENTION", "cat")
+
+
 def fast_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     """Drop-in ``RelPosAttention.forward``: upstream's projections and layout, the bias folded
-    into the query/key (module docstring). Falls back to upstream's forward where the widened
-    head would not fit a flash kernel."""
+    into the query/key (module docstring) or, with ``RUNNER_SAM_ATTENTION=flex``, added inside
+    FlexAttention. Falls back to upstream's forward where the widened head would not fit a flash
+    kernel (cat only)."""
     bsz, h, w, _ = x.shape
     nh = self.num_heads
     head_dim = self.qkv.out_features // 3 // nh
-    if not self.use_rel_pos or head_dim + h + w + 8 > MAX_HEAD_DIM:
+    flex = attention_impl() == "flex"
+    if not self.use_rel_pos or (not flex and head_dim + h + w + 8 > MAX_HEAD_DIM):
         return self._upstream_forward(x)
     qkv = self.qkv(x).reshape(bsz, h * w, 3, nh, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.reshape(3, bsz * nh, h * w, -1).unbind(0)
     rel_h, rel_w = decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, h, w)
+    if flex:
+        out = flex_rel_pos_attention(
+            q.view(bsz, nh, h * w, -1),
+            k.view(bsz, nh, h * w, -1),
+            v.view(bsz, nh, h * w, -1),
+            rel_h.view(bsz, nh, h * w, h),
+            rel_w.view(bsz, nh, h * w, w),
+            self.scale,
+        )
+        out = out.view(bsz, nh, h, w, -1).permute(0, 2, 3, 1, 4).reshape(bsz, h, w, -1)
+        return self.proj(out)  # type: ignore[no-any-return]
     key = (h, w, q.dtype, q.device)
     cache = self.__dict__.setdefault("_runner_positions", {})
     positions = cache.get(key)
