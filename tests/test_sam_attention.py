@@ -73,6 +73,31 @@ def test_fast_forward_equals_upstream_forward(
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+def test_flex_failure_falls_back_to_the_default_path_for_good(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNNER_SAM_ATTENTION", "flex")
+    monkeypatch.setattr(sa, "flex_error", None)
+    calls = []
+
+    def broken(*a: object, **k: object) -> torch.Tensor:
+        calls.append(1)
+        raise RuntimeError("inductor could not build the kernel")
+
+    monkeypatch.setattr(sa, "flex_rel_pos_attention", broken)
+    torch.manual_seed(0)
+    m = RelPosAttention(96, 6, (8, 8)).double()
+    x = torch.randn(2, 8, 8, 96, dtype=torch.float64)
+    with torch.no_grad():
+        want = m(x)
+        sa.patch_sam_attention(m)
+        got = m(x)
+        again = m(x)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(again, want, rtol=1e-10, atol=1e-10)
+    assert calls == [1]  # tried once, then the process stays on the default path
+    assert sa.flex_error is not None and "could not build" in sa.flex_error
+    assert sa.attention_impl() == "cat"
+
+
 def test_bf16_close_to_upstream() -> None:
     """In bf16 the two differ by rounding only (upstream rounds the bias to bf16 first)."""
     torch.manual_seed(1)

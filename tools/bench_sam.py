@@ -119,6 +119,10 @@ def run(
             "device": torch.cuda.get_device_name(0),
             "torch": torch.__version__,
         }
+        if variant.startswith("flex"):
+            from runner.vllm_plugin import sam_attention
+
+            row["flex_error"] = sam_attention.flex_error  # not None: it fell back to "cat"
         if variant != "upstream" and ref is not None:
             row["layers_patched"] = patched
             rel = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(out, ref))

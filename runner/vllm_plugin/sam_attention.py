@@ -35,6 +35,7 @@ compilation; ``tools/bench_sam.py --variants bias-free,bias-free+compile`` repea
 
 from __future__ import annotations
 
+import logging
 import os
 import types
 from typing import Any
@@ -42,6 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+_log = logging.getLogger("vllm.deepseek_ocr_pipeline")  # vLLM's handler prints it in the engine core
 MAX_HEAD_DIM = 256  # flash-attention kernels (FA2 in PyTorch, cuDNN) stop here
 
 
@@ -122,17 +124,21 @@ def rel_pos_attention(
     return out[..., :d]
 
 
-_flex_compiled: Any = None
+_flex_compiled: dict[bool, Any] = {}
+flex_error: str | None = None  # set when the flex path failed once; the process then uses "cat"
 
 
-def _flex() -> Any:
-    """``flex_attention``, compiled on CUDA (its eager form is a slow reference), eager elsewhere."""
-    global _flex_compiled
-    from torch.nn.attention.flex_attention import flex_attention
+def _flex(dynamic: bool) -> Any:
+    """``flex_attention`` compiled (its eager form is a slow reference that materialises the
+    scores). CUDA: batch size dynamic (the engine's encoder batches vary); one compilation per
+    grid (64x64, 40x40, 48x48, 14x14 windows). CPU (tests): static shapes, as inductor's C++
+    template for this ``score_mod`` failed to build with dynamic shapes (torch 2.13)."""
+    fn = _flex_compiled.get(dynamic)
+    if fn is None:
+        from torch.nn.attention.flex_attention import flex_attention
 
-    if _flex_compiled is None:
-        _flex_compiled = torch.compile(flex_attention, dynamic=True)
-    return _flex_compiled
+        fn = _flex_compiled[dynamic] = torch.compile(flex_attention, dynamic=dynamic)
+    return fn
 
 
 def flex_rel_pos_attention(
@@ -155,7 +161,7 @@ def flex_rel_pos_attention(
         return score + rel_h[b, h, qi, kv // w] + rel_w[b, h, qi, kv % w]
 
     use_compiled = q.is_cuda if compiled is None else compiled
-    fn = _flex() if use_compiled else flex_attention
+    fn = _flex(dynamic=q.is_cuda) if use_compiled else flex_attention
     return fn(q, k, v, score_mod=score_mod, scale=scale)  # type: ignore[no-any-return]
 
 
@@ -163,7 +169,8 @@ def attention_impl() -> str:
     """``RUNNER_SAM_ATTENTION``: ``cat`` (default: the bias folded into widened heads) or
     ``flex`` (FlexAttention ``score_mod``; GPU-measured in ``tools/bench_sam.py`` before it may
     become the default)."""
-    return os.environ.get("RUNNER_SAM_ATTENTION", "cat")
+    impl = os.environ.get("RUNNER_SAM_ATTENTION", "cat")
+    return "cat" if impl == "flex" and flex_error is not None else impl
 
 
 def fast_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
@@ -171,6 +178,7 @@ def fast_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     into the query/key (module docstring) or, with ``RUNNER_SAM_ATTENTION=flex``, added inside
     FlexAttention. Falls back to upstream's forward where the widened head would not fit a flash
     kernel (cat only)."""
+    global flex_error
     bsz, h, w, _ = x.shape
     nh = self.num_heads
     head_dim = self.qkv.out_features // 3 // nh
@@ -181,16 +189,23 @@ def fast_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     q, k, v = qkv.reshape(3, bsz * nh, h * w, -1).unbind(0)
     rel_h, rel_w = decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, h, w)
     if flex:
-        out = flex_rel_pos_attention(
-            q.view(bsz, nh, h * w, -1),
-            k.view(bsz, nh, h * w, -1),
-            v.view(bsz, nh, h * w, -1),
-            rel_h.view(bsz, nh, h * w, h),
-            rel_w.view(bsz, nh, h * w, w),
-            self.scale,
-        )
-        out = out.view(bsz, nh, h, w, -1).permute(0, 2, 3, 1, 4).reshape(bsz, h, w, -1)
-        return self.proj(out)  # type: ignore[no-any-return]
+        try:
+            out = flex_rel_pos_attention(
+                q.view(bsz, nh, h * w, -1),
+                k.view(bsz, nh, h * w, -1),
+                v.view(bsz, nh, h * w, -1),
+                rel_h.view(bsz, nh, h * w, h),
+                rel_w.view(bsz, nh, h * w, w),
+                self.scale,
+            )
+        except Exception as e:  # an opt-in speed path must not cost a page: fall back for good
+            flex_error = f"{type(e).__name__}: {e}"[:500]
+            _log.warning("SAM FlexAttention failed (%s); using the default attention", flex_error)
+            if head_dim + h + w + 8 > MAX_HEAD_DIM:
+                return self._upstream_forward(x)
+        else:
+            out = out.view(bsz, nh, h, w, -1).permute(0, 2, 3, 1, 4).reshape(bsz, h, w, -1)
+            return self.proj(out)  # type: ignore[no-any-return]
     key = (h, w, q.dtype, q.device)
     cache = self.__dict__.setdefault("_runner_positions", {})
     positions = cache.get(key)
