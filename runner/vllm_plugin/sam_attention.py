@@ -188,38 +188,24 @@ def fast_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     qkv = self.qkv(x).reshape(bsz, h * w, 3, nh, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.reshape(3, bsz * nh, h * w, -1).unbind(0)
     rel_h, rel_w = decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, h, w)
+    qh, kh, vh = (t.view(bsz, nh, h * w, -1) for t in (q, k, v))
+    rh, rw = rel_h.view(bsz, nh, h * w, h), rel_w.view(bsz, nh, h * w, w)
+    out = None
     if flex:
         try:
-            out = flex_rel_pos_attention(
-                q.view(bsz, nh, h * w, -1),
-                k.view(bsz, nh, h * w, -1),
-                v.view(bsz, nh, h * w, -1),
-                rel_h.view(bsz, nh, h * w, h),
-                rel_w.view(bsz, nh, h * w, w),
-                self.scale,
-            )
+            out = flex_rel_pos_attention(qh, kh, vh, rh, rw, self.scale)
         except Exception as e:  # an opt-in speed path must not cost a page: fall back for good
             flex_error = f"{type(e).__name__}: {e}"[:500]
             _log.warning("SAM FlexAttention failed (%s); using the default attention", flex_error)
             if head_dim + h + w + 8 > MAX_HEAD_DIM:
                 return self._upstream_forward(x)
-        else:
-            out = out.view(bsz, nh, h, w, -1).permute(0, 2, 3, 1, 4).reshape(bsz, h, w, -1)
-            return self.proj(out)  # type: ignore[no-any-return]
-    key = (h, w, q.dtype, q.device)
-    cache = self.__dict__.setdefault("_runner_positions", {})
-    positions = cache.get(key)
-    if positions is None:
-        positions = cache[key] = _key_positions(h, w, q.dtype, q.device)
-    out = rel_pos_attention(
-        q.view(bsz, nh, h * w, -1),
-        k.view(bsz, nh, h * w, -1),
-        v.view(bsz, nh, h * w, -1),
-        rel_h.view(bsz, nh, h * w, h),
-        rel_w.view(bsz, nh, h * w, w),
-        self.scale,
-        positions,
-    )
+    if out is None:
+        key = (h, w, q.dtype, q.device)
+        cache = self.__dict__.setdefault("_runner_positions", {})
+        positions = cache.get(key)
+        if positions is None:
+            positions = cache[key] = _key_positions(h, w, q.dtype, q.device)
+        out = rel_pos_attention(qh, kh, vh, rh, rw, self.scale, positions)
     out = out.view(bsz, nh, h, w, -1).permute(0, 2, 3, 1, 4).reshape(bsz, h, w, -1)
     return self.proj(out)  # type: ignore[no-any-return]
 
