@@ -12,8 +12,11 @@ took ~5 s each and 512 pages did not finish in 400 s, where OCR-1 (no such loop)
 
 Here the same mask comes from comparisons of the type ids and of the queries' ranks (a cumulative
 sum), for all views at once: ``allowed[q, k] = img[k] & (img[q] | txt[q]) | txt[q] & txt[k] &
-rank[k] <= rank[q]``; allowed entries are 0, the others the dtype's minimum, as upstream. Tested
-equal (exactly) to a copy of upstream's loop on CPU and, on the GPU machine, to vLLM's own module.
+rank[k] <= rank[q]``; allowed entries are 0, the others the dtype's minimum, as upstream. Equal
+(exactly) to a copy of upstream's loop (CPU tests); vLLM's own encoder gives a bit-identical output
+with it (checked on the CPU box with vLLM's Python sources; ``tests/test_encoder_mask.py`` repeats
+that on the GPU machine, not yet run there). The loop took 185 ms per 32-crop chunk on the CPU box,
+this 14 ms.
 ``RUNNER_FAST_ENCODER_MASK=0`` keeps upstream's loop.
 """
 
