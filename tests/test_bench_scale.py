@@ -238,3 +238,32 @@ def test_guard_summary_means_per_setting_and_costs_against_off() -> None:
     ab = bench.guard_summary(["off", "device", "host"], [18.81, 17.38, 19.41])
     assert ab["guard_cost_device"] == round(1 - 17.38 / 18.81, 3) and ab["guard_cost_host"] == -0.032
     assert "noguard_pages_per_s" not in bench.guard_summary(["device"], [10.0])  # no baseline round
+
+
+def test_step_heartbeats_ms_per_step_and_stalls(tmp_path: Path) -> None:
+    t = 1_790_000_000.0
+    beat = "INFO runner.engines.x: vllm engine: pending={p} inbox=0 vllm_unfinished={p} steps={s} added=0"
+    log = tmp_path / "shard-0-of-2.log"
+    log.write_text(
+        "\n".join(
+            [
+                f"{_stamp(t)} INFO runner: command: x",
+                f"{_stamp(t + 1)} " + beat.format(p=512, s=10),  # prefill: 20 steps in 10 s
+                f"{_stamp(t + 11)} " + beat.format(p=512, s=30),
+                f"{_stamp(t + 21)} " + beat.format(p=512, s=530),  # decode: 500 steps in 10 s
+                f"{_stamp(t + 31)} " + beat.format(p=256, s=530),  # a stall: no step
+                f"{_stamp(t + 32)} WARNING x: vllm engine: pending=1 inbox=0 steps=999",  # not a beat
+            ]
+        )
+    )
+    hb = bench.step_heartbeats(log)
+    assert hb is not None
+    assert hb["beats"] == 4 and hb["steps"] == 530
+    assert hb["ms_per_step_min"] == 20.0 and hb["ms_per_step_max"] == 500.0
+    assert hb["ms_per_step_median"] == 500.0  # of [500, 20]: the upper middle
+    assert hb["beats_without_steps"] == 1
+    assert hb["series"] == [[10.0, 500.0, 512], [20.0, 20.0, 512], [30.0, None, 256]]
+    one = tmp_path / "one.log"
+    one.write_text(f"{_stamp(t)} " + beat.format(p=5, s=1))
+    assert bench.step_heartbeats(one) is None
+    assert bench.step_heartbeats(tmp_path / "missing.log") is None

@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import itertools
 import json
 import os
 import platform
@@ -647,6 +648,45 @@ def engine_ready_times(log_file: Path) -> list[tuple[float, float]]:
     return sorted(out)
 
 
+HEARTBEAT_RE = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) INFO \S+: vllm engine: pending=(\d+) .*?steps=(\d+)"
+)
+
+
+def step_heartbeats(log_file: Path) -> dict[str, Any] | None:
+    """The feeding thread's heartbeats (``vllm engine: pending=N ... steps=S`` every ~10 s while
+    pages are pending) in one engine's log: the engine's ms per step between beats (median,
+    fastest, slowest), and the ``[seconds since the first beat, ms/step, pending]`` series.
+    Where a step's time goes without a profiler: prefill steps are long, decode steps short, a
+    stall shows as a beat without steps. None when the log has fewer than two beats."""
+    try:
+        text = log_file.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    beats: list[tuple[float, int, int]] = []
+    for line in text.splitlines():
+        m = HEARTBEAT_RE.match(line)
+        if m:
+            t = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000
+            beats.append((t, int(m.group(4)), int(m.group(3))))
+    if len(beats) < 2:
+        return None
+    series: list[list[float]] = []
+    for (t_a, s_a, _), (t_b, s_b, pend) in itertools.pairwise(beats):
+        ms = (t_b - t_a) * 1e3 / (s_b - s_a) if s_b > s_a else float("inf")
+        series.append([round(t_b - beats[0][0], 1), round(ms, 1), pend])
+    finite = sorted(x[1] for x in series if x[1] != float("inf"))
+    return {
+        "beats": len(beats),
+        "steps": beats[-1][1],
+        "ms_per_step_median": finite[len(finite) // 2] if finite else None,
+        "ms_per_step_min": finite[0] if finite else None,
+        "ms_per_step_max": finite[-1] if finite else None,
+        "beats_without_steps": sum(1 for x in series if x[1] == float("inf")),
+        "series": [x if x[1] != float("inf") else [x[0], None, x[2]] for x in series],
+    }
+
+
 def ready_window(
     readies: Sequence[tuple[float, float]], starts: int, t1: float | None, pages: int
 ) -> dict[str, Any]:
@@ -748,6 +788,10 @@ def run_product_cli(
         res["worker_logs"] = _copy_worker_logs(lines, out / "worker_logs")
     res["md_files"] = len(mds)
     res["argv"] = " ".join(argv[1:])
+    logs = [Path(p) for p in res.get("worker_logs", [])] or [log_file]
+    beats = {p.stem: hb for p in logs if (hb := step_heartbeats(p)) is not None}
+    if beats:
+        res["step_heartbeats"] = beats
     summary = prod_out / "_run_summary.json"
     if summary.is_file():
         sm = json.loads(summary.read_text())
@@ -873,7 +917,15 @@ def scale_line(
         line["ray_vs_gpus_met"] = line["ray_vs_gpus"] >= SCALE_TARGETS["ray_vs_gpus"]
         if summary.get("pages_per_s") and g.get("summary_pages_per_s"):
             line["ray_vs_gpus_summary"] = round(summary["pages_per_s"] / g["summary_pages_per_s"], 3)
-    for k in ("md_files", "returncode", "timed_out", "argv", "pipeline_summary", "worker_logs"):
+    for k in (
+        "md_files",
+        "returncode",
+        "timed_out",
+        "argv",
+        "pipeline_summary",
+        "worker_logs",
+        "step_heartbeats",
+    ):
         if k in res:
             line[f"product_{k}"] = res[k]
     return line
@@ -1199,6 +1251,7 @@ def main(argv: list[str] | None = None) -> int:
         "returncode",
         "argv",
         "pipeline_summary",
+        "step_heartbeats",
     ):
         if k in prod:
             result[f"product_{k}"] = prod[k]
