@@ -72,6 +72,7 @@ def test_engine_kwargs_follow_engine_config() -> None:
     assert kw["max_num_seqs"] == 64 and kw["max_model_len"] == 4096 and kw["load_format"] == "dummy"
     assert kw["mm_encoder_tp_mode"] == "data" and kw["cpu_offload_gb"] == 2.0
     assert kw["logits_processors"] == [GUARD_FQCN] and kw["enable_mm_embeds"] is True
+    assert kw["enable_prefix_caching"] is False  # unique pages: only its per-step cost would remain
     kw2 = engine_kwargs(EngineConfig(quantization="awq", enable_fp8_weights=True), "/m", guard=False)
     assert kw2["quantization"] == "awq" and "logits_processors" not in kw2
     mod, _, cls = GUARD_FQCN.partition(":")
@@ -92,7 +93,7 @@ def test_vllm_args_pass_through_last_with_dicts_merged() -> None:
             "--max-num-seqs",
             "1024",
             "--vllm-arg",
-            "enable_prefix_caching=false",
+            "enable_prefix_caching=true",
             "--vllm-arg",
             'compilation_config={"cudagraph_mode": "PIECEWISE"}',
             "--vllm-arg",
@@ -103,7 +104,7 @@ def test_vllm_args_pass_through_last_with_dicts_merged() -> None:
     )
     ec = config_from_args(args, (), str(ROOT / "tests")).engine_config
     kw = engine_kwargs(ec, "/m", guard=True)
-    assert kw["enable_prefix_caching"] is False and kw["tokenizer_mode"] == "slow"
+    assert kw["enable_prefix_caching"] is True and kw["tokenizer_mode"] == "slow"  # default: off
     assert kw["max_num_seqs"] == 256  # applied last: the user's word wins
     # merged with what the runner sets (capture size for >512 sequences), not replacing it
     assert kw["compilation_config"] == {"max_cudagraph_capture_size": 1024, "cudagraph_mode": "PIECEWISE"}

@@ -118,6 +118,10 @@ for step in "$@"; do
           log "epg: ${EPK:-2} engines on GPU 0"; timeout -k 20 ${EPTO2:-330} python3 tools/bench.py --model-dir $M/deepseek-ocr --pages ${PAGES:-768} --max-num-seqs ${EPSEQS:-384} --baseline off \
             --product cli --gpus 0 --product-timeout ${EPTO2P:-320} --work-dir /tmp/ep2 --jsonl "$OUT/benchmarks.jsonl" --tag epg-${EPK:-2} --cli-extra --engines-per-gpu ${EPK:-2} 2>&1 | tail -1 | cut -c1-900
           grep -h "start-up lock\|engine ready\|waiting for another" /tmp/ep2/*.log /tmp/runner-workers-*/*.log 2>/dev/null | cut -c1-200 | head -6 ;;
+    pcab) for pc in false true; do log "pcab enable_prefix_caching=$pc (one engine, same pages)"   # prefix caching A/B (default: off)
+          timeout -k 10 ${PCTO:-280} python3 tools/bench.py --model-dir $M/deepseek-ocr --pages ${PAGES:-768} --max-num-seqs ${SEQS:-512} --baseline off \
+            --product cli --product-timeout ${PCTOP:-270} --work-dir /tmp/pc_$pc --jsonl "$OUT/benchmarks.jsonl" --tag prefix-caching-$pc \
+            --cli-extra --vllm-arg enable_prefix_caching=$pc 2>&1 | tail -1 | cut -c1-900; done ;;
     encab) for e in 0 1; do log "encab RUNNER_BATCHED_ENCODER=$e"   # batched vision encoder A/B (two engines, same pages)
           RUNNER_BATCHED_ENCODER=$e timeout -k 10 ${EABTO:-280} python3 tools/bench.py --model-dir $M/${EMODEL:-deepseek-ocr} --pages ${PAGES:-512} --max-num-seqs ${SEQS:-512} \
             --baseline off --product engine --work-dir /tmp/benc$e --jsonl "$OUT/benchmarks.jsonl" --tag encoder-batched-$e 2>&1 | tail -1 | cut -c1-400; done ;;
