@@ -112,11 +112,11 @@ for step in "$@"; do
     samab) log "samab: SAM encoder, upstream attention vs bias-free (one prefill step's images)"
           timeout -k 10 ${SAMTO:-240} python3 tools/bench_sam.py --pages ${SAMPAGES:-18} --variants ${SAMVARS:-upstream,bias-free,flex} ${SAMPROF:---profile} \
             --jsonl "$OUT/benchmarks.jsonl" 2>&1 | tail -8 | cut -c1-1500 ;;
-    epg) # one engine (512 sequences) vs two engines on the same GPU (--engines-per-gpu 2, 384 each), same pages
-          log "epg: 1 engine"; timeout -k 10 ${EPTO1:-250} python3 tools/bench.py --model-dir $M/deepseek-ocr --pages ${PAGES:-768} --max-num-seqs 512 --baseline off \
-            --product cli --product-timeout ${EPTO1P:-240} --work-dir /tmp/ep1 --jsonl "$OUT/benchmarks.jsonl" --tag epg-1 2>&1 | tail -1 | cut -c1-700
-          log "epg: ${EPK:-2} engines on GPU 0"; timeout -k 20 ${EPTO2:-330} python3 tools/bench.py --model-dir $M/deepseek-ocr --pages ${PAGES:-768} --max-num-seqs ${EPSEQS:-384} --baseline off \
-            --product cli --gpus 0 --product-timeout ${EPTO2P:-320} --work-dir /tmp/ep2 --jsonl "$OUT/benchmarks.jsonl" --tag epg-${EPK:-2} --cli-extra --engines-per-gpu ${EPK:-2} 2>&1 | tail -1 | cut -c1-900
+    epg) bash "$0" epg1 epgk ;;  # one engine vs K engines on the same GPU, same pages (one call: fits 768 pages)
+    epg1) log "epg: 1 engine"; timeout -k 10 ${EPTO1:-250} python3 tools/bench.py --model-dir $M/deepseek-ocr --pages ${PAGES:-768} --max-num-seqs 512 --baseline off \
+            --product cli --product-timeout ${EPTO1P:-240} --work-dir /tmp/ep1 --jsonl "$OUT/benchmarks.jsonl" --tag epg-1 2>&1 | tail -1 | cut -c1-1200 ;;
+    epgk) log "epg: ${EPK:-2} engines on GPU 0"; timeout -k 20 ${EPTO2:-330} python3 tools/bench.py --model-dir $M/deepseek-ocr --pages ${PAGES:-768} --max-num-seqs ${EPSEQS:-384} --baseline off \
+            --product cli --gpus 0 --product-timeout ${EPTO2P:-320} --work-dir /tmp/ep2 --jsonl "$OUT/benchmarks.jsonl" --tag epg-${EPK:-2} --cli-extra --engines-per-gpu ${EPK:-2} 2>&1 | tail -1 | cut -c1-1500
           grep -h "start-up lock\|engine ready\|waiting for another" /tmp/ep2/*.log /tmp/runner-workers-*/*.log 2>/dev/null | cut -c1-200 | head -6 ;;
     pcab) for pc in false true; do log "pcab enable_prefix_caching=$pc (one engine, same pages)"   # prefix caching A/B (default: off)
           timeout -k 10 ${PCTO:-280} python3 tools/bench.py --model-dir $M/deepseek-ocr --pages ${PAGES:-768} --max-num-seqs ${SEQS:-512} --baseline off \
