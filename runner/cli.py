@@ -310,8 +310,13 @@ def gpu_memory_gib() -> float | None:
 
 
 def _apply_profile(ec: EngineConfig, run_gib: float | None = None) -> EngineConfig:
-    from runner.profiles import OUTSIDE_VLLM_GIB, BudgetError, apply_profile, vllm_utilization_for
-    from runner.vllm_plugin.memory_cap import OUTSIDE_ALLOCATOR_GIB
+    from runner.profiles import (
+        OUTSIDE_VLLM_GIB,
+        BudgetError,
+        allocator_cap_for,
+        apply_profile,
+        vllm_utilization_for,
+    )
 
     total = gpu_memory_gib() if (ec.profile != "default" or run_gib) else None
     if run_gib:
@@ -322,15 +327,9 @@ def _apply_profile(ec: EngineConfig, run_gib: float | None = None) -> EngineConf
         except BudgetError as e:
             raise ConfigError(str(e)) from None
         log.info("profile: %s", why)
-        cap = round(run_gib - OUTSIDE_ALLOCATOR_GIB, 2)
+        cap, why = allocator_cap_for(run_gib)
         ec = dataclasses.replace(ec, gpu_memory_utilization=util, torch_memory_cap_gib=cap)
-        log.info(
-            "profile: the engine core's PyTorch allocator is capped at %.2f GiB (%g minus ~%g GiB "
-            "it holds outside the allocator)",
-            cap,
-            run_gib,
-            OUTSIDE_ALLOCATOR_GIB,
-        )
+        log.info("profile: %s", why)
         usable: float | None = run_gib - OUTSIDE_VLLM_GIB  # exact (the share above is rounded)
     else:
         usable = total * ec.gpu_memory_utilization if total is not None else None

@@ -40,8 +40,13 @@ MID_VRAM_GIB = 30.0  # at or below this, ``auto`` trims the batch
 # GPU session 5 (bias-free SAM attention): engine-core process peaks 6.24 GiB at N=6 (vLLM 4.30)
 # and 7.16 GiB at N=8 (vLLM 6.30): 8 GiB fits, 6 GiB is 0.24 GiB over; the excess over vLLM's
 # count was 1.94 vs 0.86 GiB, so it is not a constant. --gpu-memory-gib therefore also caps the
-# engine core's PyTorch allocator (runner/vllm_plugin/memory_cap.py), unmeasured yet.
+# engine core's PyTorch allocator (runner/vllm_plugin/memory_cap.py); GPU session 6: process peaks
+# 5.84 / 7.12 GiB at N = 6 / 8 with the cap.
 OUTSIDE_VLLM_GIB = 1.7
+#: what the engine core holds outside PyTorch's allocator (GPU sessions 4-5, H100): its CUDA
+#: context (0.52 GiB) and vLLM's "non-torch memory" (0.24 GiB), rounded up. The allocator cap
+#: of a run told it may use N GiB is N minus this.
+OUTSIDE_ALLOCATOR_GIB = 0.8
 # A low-VRAM budget below this also halves the step's token budget (one page image profiled
 # instead of two: a smaller activation reservation, more room for KV).
 TIGHT_BUDGET_GIB = 5.0
@@ -67,6 +72,15 @@ def vllm_utilization_for(run_gib: float, card_gib: float) -> tuple[float, str]:
     return util, (
         f"gpu_memory_utilization={util}: the run may use {run_gib:g} GiB of {card_gib:.1f}; vLLM gets "
         f"{budget:.2f} GiB, {OUTSIDE_VLLM_GIB:g} GiB stay for what it does not count (measured)"
+    )
+
+
+def allocator_cap_for(run_gib: float) -> tuple[float, str]:
+    """``--gpu-memory-gib``: the engine core's PyTorch allocator cap (GiB) and the reason."""
+    cap = round(run_gib - OUTSIDE_ALLOCATOR_GIB, 2)
+    return cap, (
+        f"the engine core's PyTorch allocator is capped at {cap:.2f} GiB ({run_gib:g} minus "
+        f"~{OUTSIDE_ALLOCATOR_GIB:g} GiB it holds outside the allocator)"
     )
 
 

@@ -167,8 +167,7 @@ def test_gpu_memory_gib_sets_vllms_share_and_refuses_what_the_card_lacks(tmp_pat
     import argparse
 
     from runner import cli
-    from runner.profiles import OUTSIDE_VLLM_GIB
-    from runner.vllm_plugin.memory_cap import OUTSIDE_ALLOCATOR_GIB
+    from runner.profiles import OUTSIDE_ALLOCATOR_GIB, OUTSIDE_VLLM_GIB
 
     monkeypatch.setattr(cli, "gpu_memory_gib", lambda: 79.18)
     pdfgen.text_pdf(tmp_path / "in" / "a.pdf", pages=1)

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from runner.vllm_plugin import sam_attention as sa
+from tools.bench_sam import random_init
 
 
 class RelPosAttention(nn.Module):
@@ -163,20 +164,6 @@ def test_fast_forward_equals_vllm_relposattention() -> None:
         assert err_fast <= 1.2 * err_up + 1e-3, (size, err_fast, err_up)
 
 
-def _random_init(sam: nn.Module) -> nn.Module:
-    """vLLM leaves some SAM weights uninitialised (torch.empty) and zeroes the rel-pos tables:
-    give every parameter a value, the tables large enough to matter."""
-    with torch.no_grad():
-        for name, p in sam.named_parameters():
-            if "rel_pos" in name:
-                p.normal_(0, 0.5)
-            elif "norm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0, 0.02)
-    return sam
-
-
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (GPU machine)")
 def test_whole_sam_encoder_equals_upstream_in_float64() -> None:
     """vLLM's SAM ViT-B (windowed and global layers, interpolated rel-pos tables and position
@@ -186,7 +173,7 @@ def test_whole_sam_encoder_equals_upstream_in_float64() -> None:
 
     torch.manual_seed(0)
     with set_current_vllm_config(VllmConfig(device_config=DeviceConfig(device="cpu"))):
-        sam = _random_init(build_sam_vit_b().double().eval())
+        sam = random_init(build_sam_vit_b().double().eval())
         with torch.no_grad():
             x = torch.randn(2, 3, 256, 256, dtype=torch.float64)
             want = sam(x)
@@ -205,7 +192,7 @@ def test_flex_sam_encoder_close_to_upstream_on_cuda(monkeypatch: pytest.MonkeyPa
 
     torch.manual_seed(0)
     with set_current_vllm_config(VllmConfig()):
-        sam = _random_init(build_sam_vit_b().to("cuda", torch.bfloat16).eval())
+        sam = random_init(build_sam_vit_b().to("cuda", torch.bfloat16).eval())
         with torch.no_grad():
             inputs = [
                 torch.randn(b, 3, s, s, device="cuda", dtype=torch.bfloat16) for b, s in ((2, 1024), (3, 640))

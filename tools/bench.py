@@ -631,6 +631,11 @@ def cli_argv(
     return [*argv, *a.cli_extra]
 
 
+def _log_time(asctime: str, millis: str) -> float:
+    """Wall-clock seconds of the logging module's local-time ``asctime`` ("%Y-%m-%d %H:%M:%S", ms)."""
+    return time.mktime(time.strptime(asctime, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000
+
+
 def engine_ready_times(log_file: Path) -> list[tuple[float, float]]:
     """(wall-clock time, start-up seconds) of every ``engine X started in Y s`` line the pipeline
     wrote to ``log_file`` (one per worker with ``--gpus``, one per engine pool with Ray), sorted.
@@ -643,8 +648,7 @@ def engine_ready_times(log_file: Path) -> list[tuple[float, float]]:
     for line in text.splitlines():
         m = STARTED_RE.match(line)
         if m:
-            t = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000
-            out.append((t, float(m.group(3))))
+            out.append((_log_time(m.group(1), m.group(2)), float(m.group(3))))
     return sorted(out)
 
 
@@ -667,8 +671,7 @@ def step_heartbeats(log_file: Path) -> dict[str, Any] | None:
     for line in text.splitlines():
         m = HEARTBEAT_RE.match(line)
         if m:
-            t = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000
-            beats.append((t, int(m.group(4)), int(m.group(3))))
+            beats.append((_log_time(m.group(1), m.group(2)), int(m.group(4)), int(m.group(3))))
     if len(beats) < 2:
         return None
     series: list[list[float]] = []

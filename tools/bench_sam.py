@@ -34,6 +34,20 @@ def _config_context() -> contextlib.AbstractContextManager[object]:
         return contextlib.nullcontext()
 
 
+def random_init(sam: torch.nn.Module) -> torch.nn.Module:
+    """vLLM leaves some SAM weights uninitialised (torch.empty) and zeroes the rel-pos tables:
+    give every parameter a value, the tables large enough to matter (also used by the tests)."""
+    with torch.no_grad():
+        for name, p in sam.named_parameters():
+            if "rel_pos" in name:
+                p.normal_(0, 0.5)
+            elif "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0, 0.02)
+    return sam
+
+
 def _top_kernels(fn: Callable[[], object], n: int = 12) -> list[dict[str, object]]:
     """One call of ``fn`` under torch's profiler: the ``n`` kernels with the most CUDA time."""
     from torch.profiler import ProfilerActivity, profile
@@ -59,15 +73,7 @@ def run(
 
     dev = torch.device("cuda")
     torch.manual_seed(0)
-    sam = build_sam_vit_b().to(dev, torch.bfloat16).eval()
-    with torch.no_grad():  # vLLM leaves some weights uninitialised (torch.empty): set them all
-        for name, p in sam.named_parameters():
-            if "rel_pos" in name:  # zero-initialised upstream: make them matter
-                p.normal_(0, 0.5)
-            elif "norm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0, 0.02)
+    sam = random_init(build_sam_vit_b().to(dev, torch.bfloat16).eval())
     g = torch.randn(pages, 3, 1024, 1024, device=dev, dtype=torch.bfloat16)
     c = torch.randn(pages * crops, 3, 640, 640, device=dev, dtype=torch.bfloat16)
 

@@ -24,10 +24,7 @@ from __future__ import annotations
 import logging
 import os
 
-ENV = "RUNNER_TORCH_MEMORY_CAP_GIB"
-#: what the engine core holds outside PyTorch's allocator (GPU sessions 4-5, H100): its CUDA
-#: context (0.52 GiB) and vLLM's "non-torch memory" (0.24 GiB), rounded up
-OUTSIDE_ALLOCATOR_GIB = 0.8
+ENV = "RUNNER_TORCH_MEMORY_CAP_GIB"  # its value: runner.profiles.allocator_cap_for
 
 _log = logging.getLogger(__name__)
 

@@ -183,7 +183,8 @@ def fast_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     nh = self.num_heads
     head_dim = self.qkv.out_features // 3 // nh
     flex = attention_impl() == "flex"
-    if not self.use_rel_pos or (not flex and head_dim + h + w + 8 > MAX_HEAD_DIM):
+    widened_fits = head_dim + h + w + 8 <= MAX_HEAD_DIM  # the default (cat) path's limit
+    if not self.use_rel_pos or (not flex and not widened_fits):
         return self._upstream_forward(x)
     qkv = self.qkv(x).reshape(bsz, h * w, 3, nh, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.reshape(3, bsz * nh, h * w, -1).unbind(0)
@@ -197,7 +198,7 @@ def fast_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
         except Exception as e:  # an opt-in speed path must not cost a page: fall back for good
             flex_error = f"{type(e).__name__}: {e}"[:500]
             _log.warning("SAM FlexAttention failed (%s); using the default attention", flex_error)
-            if head_dim + h + w + 8 > MAX_HEAD_DIM:
+            if not widened_fits:
                 return self._upstream_forward(x)
     if out is None:
         key = (h, w, q.dtype, q.device)
