@@ -278,3 +278,106 @@ def test_later_steps_never_encode_more_pages_at_once_than_the_profiling_call(
     assert len(got) == len(want) == 7
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# --- mixed shapes in one encoder batch (a Gundam page beside a Large-mode retry) ---------------
+
+
+class _RecordingUpstream:
+    """Stands in for upstream's ``embed_multimodal``: it accepts only stacked tensors (upstream
+    calls ``torch.sum`` on them) and returns one embedding per image, derived from its tensors."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def embed_multimodal(self, **kw: object) -> list[torch.Tensor]:
+        pv, crops, spatial = kw["pixel_values"], kw["images_crop"], kw["images_spatial_crop"]
+        assert (
+            isinstance(pv, torch.Tensor)
+            and isinstance(crops, torch.Tensor)
+            and isinstance(spatial, torch.Tensor)
+        )
+        assert kw.get("extra") == "kept"
+        self.calls.append(pv.shape[0])
+        out, first = [], 0
+        for i in range(pv.shape[0]):
+            w, h = (int(v) for v in spatial[i])
+            k = w * h if (w > 1 or h > 1) else 0
+            c = crops[first : first + k]
+            first += k
+            out.append(torch.tensor([pv[i].sum().item(), pv.shape[-1], k, c.sum().item() if k else 0.0]))
+        assert first == crops.shape[0]
+        return out
+
+
+class _MixedModel(BatchedOCRMixin, _RecordingUpstream):
+    pass
+
+
+def _page(size: int, crop: int, grid: tuple[int, int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    k = grid[0] * grid[1] if grid != (1, 1) else 0
+    return torch.rand(3, size, size, generator=g), torch.rand(k, 3, crop, crop, generator=g)
+
+
+def test_a_batch_of_mixed_view_sizes_is_encoded_in_runs_that_stack_in_order() -> None:
+    # As vLLM hands them over when shapes differ: lists for pixel_values and the crops (one entry
+    # per image), the tile grids stacked.
+    layout = [
+        (16, 8, (3, 2)),
+        (20, 20, (1, 1)),
+        (20, 20, (1, 1)),
+        (16, 8, (1, 1)),
+        (16, 8, (2, 2)),
+        (20, 20, (1, 1)),
+    ]
+    pages = [_page(s, c, grid, i) for i, (s, c, grid) in enumerate(layout)]
+    spatial = torch.tensor([list(grid) for _, _, grid in layout])
+    model = _MixedModel()
+    out = model.embed_multimodal(
+        pixel_values=[p for p, _ in pages],
+        images_crop=[c for _, c in pages],
+        images_spatial_crop=spatial,
+        extra="kept",
+    )
+    # runs: [16, 20, 20, 16+16 (the untiled 16 page has no crops of its own; crop shape 8 like its
+    # neighbour), 20] -> 16 | 20 20 | 16 16 | 20
+    assert model.calls == [1, 2, 2, 1]
+    one_by_one = _RecordingUpstream()
+    expected = [
+        one_by_one.embed_multimodal(
+            pixel_values=p[None], images_crop=c, images_spatial_crop=spatial[i : i + 1], extra="kept"
+        )[0]
+        for i, (p, c) in enumerate(pages)
+    ]
+    assert len(out) == len(expected)
+    for a, b in zip(out, expected, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_mixed_pixel_values_with_crops_already_concatenated_are_split_by_the_tile_grids() -> None:
+    layout = [(16, 8, (3, 2)), (20, 8, (1, 1)), (16, 8, (2, 2))]
+    pages = [_page(s, c, grid, 10 + i) for i, (s, c, grid) in enumerate(layout)]
+    spatial = torch.tensor([list(grid) for _, _, grid in layout])
+    crops = torch.cat([c for _, c in pages])  # vLLM concatenates the flat field when it can
+    model = _MixedModel()
+    out = model.embed_multimodal(
+        pixel_values=[p for p, _ in pages], images_crop=crops, images_spatial_crop=spatial, extra="kept"
+    )
+    assert model.calls == [1, 1, 1]
+    assert [int(o[2]) for o in out] == [6, 0, 4]
+    assert [float(o[3]) for o in out] == pytest.approx(
+        [float(pages[0][1].sum()), 0.0, float(pages[2][1].sum())]
+    )
+
+
+def test_a_batch_that_stacks_goes_to_upstream_untouched() -> None:
+    pages = [_page(16, 8, (2, 2), i) for i in range(3)]
+    model = _MixedModel()
+    out = model.embed_multimodal(
+        pixel_values=torch.stack([p for p, _ in pages]),
+        images_crop=torch.cat([c for _, c in pages]),
+        images_spatial_crop=torch.tensor([[2, 2]] * 3),
+        extra="kept",
+    )
+    assert model.calls == [3] and len(out) == 3

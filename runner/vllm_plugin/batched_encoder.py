@@ -32,6 +32,7 @@ import torch
 # Under "vllm." so that it prints through vLLM's own log handler in the engine-core process.
 log = logging.getLogger("vllm.deepseek_ocr_pipeline")
 _announced = False
+_announced_mixed = False
 
 
 def enabled() -> bool:
@@ -42,10 +43,85 @@ def _max_batch() -> int:
     return max(1, int(os.environ.get("RUNNER_ENCODER_BATCH", "32")))
 
 
+def _per_item(value: Any, n: int, counts: list[int] | None = None) -> list[torch.Tensor]:
+    """One tensor per image from a field vLLM batched: a list (shapes differed) stays as it is; a
+    tensor is split along dim 0, by ``counts`` rows per image for the flat crops field."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if counts is None:
+        return [value[i] for i in range(n)]
+    return list(torch.split(value, counts))
+
+
+def uniform_groups(kwargs: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Split one encoder batch into runs of consecutive images whose tensors stack, or None when
+    it already stacks (the normal case).
+
+    vLLM batches a step's images by stacking each field; when the shapes differ it hands the model
+    a list instead, and upstream's ``_parse_and_validate_image_input`` fails on it (``torch.sum``
+    of a list) and the engine core dies. That happens whenever one step encodes a Gundam page
+    (1024² global view, 640² crops) beside a Large-mode retry (1280², no crops): the Large pass of
+    OCR-1, and the engine's warm-up, which includes Large pages (GPU session 7: an engine died in
+    warm-up on exactly this). Order is kept, so the outputs still line up with vLLM's items."""
+    pv, crops, spatial = (
+        kwargs.get("pixel_values"),
+        kwargs.get("images_crop"),
+        kwargs.get("images_spatial_crop"),
+    )
+    if (
+        pv is None
+        or spatial is None
+        or not (isinstance(pv, (list, tuple)) or isinstance(crops, (list, tuple)))
+    ):
+        return None
+    n = len(pv)
+    spatial_items = _per_item(spatial, n)
+    counts = [int(t[0]) * int(t[1]) if (int(t[0]) > 1 or int(t[1]) > 1) else 0 for t in spatial_items]
+    pv_items = _per_item(pv, n)
+    crop_items = _per_item(crops, n, counts) if crops is not None else None
+    rest = {
+        k: v for k, v in kwargs.items() if k not in ("pixel_values", "images_crop", "images_spatial_crop")
+    }
+
+    def key(i: int) -> tuple[Any, ...]:
+        c = crop_items[i].shape[1:] if crop_items is not None else None
+        return (pv_items[i].shape, pv_items[i].dtype, c)
+
+    groups: list[dict[str, Any]] = []
+    start = 0
+    for i in range(1, n + 1):
+        if i == n or key(i) != key(start):
+            g = dict(rest)
+            g["pixel_values"] = torch.stack(pv_items[start:i])
+            g["images_spatial_crop"] = torch.stack(spatial_items[start:i])
+            if crop_items is not None:
+                g["images_crop"] = torch.cat(crop_items[start:i])
+            groups.append(g)
+            start = i
+    return groups
+
+
 class _BatchedEncoderMixin:
     """Shared driver; model-specific: ``_encode_views``, ``_finish_global``, ``_finish_local``."""
 
     view_seperator: torch.Tensor  # upstream's spelling
+
+    def embed_multimodal(self, **kwargs: Any) -> Any:
+        """Upstream's, once per run of images whose tensors stack (``uniform_groups``)."""
+        groups = uniform_groups(kwargs)
+        if groups is None:
+            return super().embed_multimodal(**kwargs)  # type: ignore[misc]
+        global _announced_mixed
+        if not _announced_mixed:
+            _announced_mixed = True
+            log.info("an encoder batch mixed view sizes: encoded in %d runs that stack", len(groups))
+        out: list[torch.Tensor] = []
+        for g in groups:
+            part = super().embed_multimodal(**g)  # type: ignore[misc]
+            if part is None:  # upstream's answer for an all-zero batch: no embeddings
+                return None
+            out.extend(part)
+        return out
 
     def _encode_views(self, x: torch.Tensor) -> torch.Tensor:  # (n, 3, s, s) -> (n, hw, dim)
         raise NotImplementedError
