@@ -309,16 +309,27 @@ def gpu_memory_gib() -> float | None:
         return None
 
 
+def _gpu_peers() -> int:
+    """How many engines share this worker's GPU (``--engines-per-gpu``; the launcher tells its
+    workers through ``RUNNER_ENGINE_GPU_PEERS``)."""
+    try:
+        return max(1, int(os.environ.get("RUNNER_ENGINE_GPU_PEERS", "1")))
+    except ValueError:
+        return 1
+
+
 def _apply_profile(ec: EngineConfig, run_gib: float | None = None) -> EngineConfig:
     from runner.profiles import (
         OUTSIDE_VLLM_GIB,
         BudgetError,
         allocator_cap_for,
         apply_profile,
+        shared_gpu_allocator_cap,
         vllm_utilization_for,
     )
 
-    total = gpu_memory_gib() if (ec.profile != "default" or run_gib) else None
+    peers = _gpu_peers()
+    total = gpu_memory_gib() if (ec.profile != "default" or run_gib or peers > 1) else None
     if run_gib:
         if total is None:
             raise ConfigError("--gpu-memory-gib: no NVIDIA GPU found (nvidia-smi) to size the budget against")
@@ -333,6 +344,10 @@ def _apply_profile(ec: EngineConfig, run_gib: float | None = None) -> EngineConf
         usable: float | None = run_gib - OUTSIDE_VLLM_GIB  # exact (the share above is rounded)
     else:
         usable = total * ec.gpu_memory_utilization if total is not None else None
+        if peers > 1 and total is not None and ec.torch_memory_cap_gib is None:
+            cap, why = shared_gpu_allocator_cap(total, ec.gpu_memory_utilization, peers)
+            ec = dataclasses.replace(ec, torch_memory_cap_gib=cap)
+            log.info("profile: %s", why)
     ec, reasons = apply_profile(ec, usable)
     for r in reasons:
         log.info("profile: %s", r)

@@ -84,6 +84,24 @@ def allocator_cap_for(run_gib: float) -> tuple[float, str]:
     )
 
 
+def shared_gpu_allocator_cap(card_gib: float, utilization: float, peers: int) -> tuple[float, str]:
+    """``--engines-per-gpu K``: each engine core's PyTorch allocator cap (GiB) and the reason.
+
+    vLLM's budget is a plan, not a limit, and an engine's caching allocator keeps what its largest
+    step needed: GPU session 7 (H100, two engines at 0.45) measured the first engine at 41.7 GiB
+    after its warm-up (budget 35.6), and the second, starting next to it, ran out of memory in its
+    own warm-up. So each engine may use its budget plus its 1/K of what the K budgets leave of the
+    card, less what it holds outside the allocator; past that the allocator releases its cached
+    blocks before it grows, and the K engines together stay within the card."""
+    free_share = max(0.0, card_gib * (1.0 - utilization * peers)) / peers
+    cap = round(card_gib * utilization + free_share - OUTSIDE_ALLOCATOR_GIB, 2)
+    return cap, (
+        f"the engine core's PyTorch allocator is capped at {cap:.2f} GiB: its budget "
+        f"({utilization:g} of {card_gib:.1f} GiB) plus 1/{peers} of what the {peers} engines on this GPU "
+        f"leave free, minus ~{OUTSIDE_ALLOCATOR_GIB:g} GiB held outside the allocator"
+    )
+
+
 def _set(
     cfg: EngineConfig, changes: dict[str, object], reasons: list[str], name: str, value: object, why: str
 ) -> None:

@@ -206,6 +206,38 @@ def test_gpu_memory_gib_sets_vllms_share_and_refuses_what_the_card_lacks(tmp_pat
     assert code == EXIT_USAGE and "more than this GPU has" in capsys.readouterr().err
 
 
+def test_engines_sharing_a_gpu_cap_their_allocators_so_together_they_fit_the_card(tmp_path, monkeypatch):
+    """A worker told it is one of K engines on its GPU (RUNNER_ENGINE_GPU_PEERS, set by the
+    launcher) caps its engine core's allocator at its budget plus its 1/K of what the budgets
+    leave free (GPU session 7: one engine grew 6 GiB past its budget and the other ran out)."""
+    import argparse
+
+    from pytest import approx
+
+    from runner import cli
+    from runner.profiles import OUTSIDE_ALLOCATOR_GIB
+
+    monkeypatch.setattr(cli, "gpu_memory_gib", lambda: 79.18)
+    pdfgen.text_pdf(tmp_path / "in" / "a.pdf", pages=1)
+
+    def engine_config(*extra: str):
+        args = cli.build_parser().parse_args(
+            ["--input-dir", str(tmp_path / "in"), "--output-dir", str(tmp_path / "o"), *extra]
+        )
+        assert isinstance(args, argparse.Namespace)
+        return cli.config_from_args(args, ("a.pdf",), str(tmp_path / "in")).engine_config
+
+    assert engine_config("--gpu-memory-utilization", "0.45").torch_memory_cap_gib is None  # one engine
+    monkeypatch.setenv("RUNNER_ENGINE_GPU_PEERS", "2")
+    caps = engine_config("--gpu-memory-utilization", "0.45").torch_memory_cap_gib
+    assert caps is not None and caps > 0.45 * 79.18
+    assert 2 * (caps + OUTSIDE_ALLOCATOR_GIB) == approx(79.18, abs=0.02)
+    # --gpu-memory-gib's own cap (the launcher divides it among the engines) is kept
+    assert engine_config("--gpu-memory-gib", "20").torch_memory_cap_gib == round(
+        20 - OUTSIDE_ALLOCATOR_GIB, 2
+    )
+
+
 def test_engines_per_gpu_needs_the_launcher(tmp_path, capsys):
     code = main(["--input-dir", str(tmp_path), "--output-dir", str(tmp_path / "o"), "--engines-per-gpu", "2"])
     assert code == EXIT_USAGE and "--engines-per-gpu needs --gpus" in capsys.readouterr().err
