@@ -11,7 +11,9 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +24,17 @@ if TYPE_CHECKING:
     from runner.executors.ray_executor import RayOptions
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ENGINE = 0, 1, 2, 3
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # the shell's 128 + SIGINT / SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised on the main thread like Ctrl-C so that every ``finally`` runs."""
+
+
+def _raise_terminated(signum: int, _frame: object) -> None:
+    raise Terminated(f"signal {signum}")
+
+
 log = logging.getLogger("runner")
 
 
@@ -437,7 +450,26 @@ def main(argv: list[str] | None = None, *, default_engine: str = "vllm") -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_USAGE
-    return run(cfg, log_file, ray_options)
+    # SIGTERM (the launcher stopping its workers, a spot instance going away, `timeout`) would
+    # end Python at once: no ``finally``, so vLLM's engine-core process outlived its parent and
+    # kept its GPU memory (GPU session 7: an orphaned engine core held 39 GiB and the next run on
+    # that GPU failed at start-up). As an exception it closes the engine like Ctrl-C does; what
+    # is written stays (each file is written whole), a rerun resumes from the done markers.
+    old_term = None
+    if threading.current_thread() is threading.main_thread():
+        old_term = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return run(cfg, log_file, ray_options)
+    except KeyboardInterrupt as e:
+        term = isinstance(e, Terminated)
+        log.warning(
+            "%s: the engine is closed, finished PDFs are written; a rerun resumes from the done markers",
+            "terminated (SIGTERM)" if term else "interrupted",
+        )
+        return EXIT_TERMINATED if term else EXIT_INTERRUPTED
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
 
 
 def _strip_option(argv: list[str], name: str) -> list[str]:

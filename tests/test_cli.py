@@ -241,3 +241,50 @@ def test_engines_sharing_a_gpu_cap_their_allocators_so_together_they_fit_the_car
 def test_engines_per_gpu_needs_the_launcher(tmp_path, capsys):
     code = main(["--input-dir", str(tmp_path), "--output-dir", str(tmp_path / "o"), "--engines-per-gpu", "2"])
     assert code == EXIT_USAGE and "--engines-per-gpu needs --gpus" in capsys.readouterr().err
+
+
+def test_sigterm_closes_the_engine_keeps_what_is_written_and_exits_143(tmp_path):
+    """SIGTERM becomes an exception on the main thread: the pipeline's ``finally`` closes the
+    engine (vLLM's engine-core process would otherwise outlive the CLI with its GPU memory), the
+    PDFs already finished stay whole with their done markers, and the exit code says what
+    happened. A rerun then does only what is left."""
+    import os
+    import signal
+    import time
+
+    src = tmp_path / "in"
+    for i in range(6):
+        pdfgen.text_pdf(src / f"d{i}.pdf", pages=3)
+    closed = tmp_path / "engine_closed"
+    script = tmp_path / "cli_with_slow_engine.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]\n"
+        "import runner.engines\n"
+        "from fakes import FakeEngine\n"
+        "class Slow(FakeEngine):\n"
+        "    def close(self):\n"
+        f"        open({str(closed)!r}, 'w').close()\n"
+        "        super().close()\n"
+        "if __name__ == '__main__':  # render workers are spawned: they import this file\n"
+        "    runner.engines.create_engine = lambda cfg: Slow(delay_s=0.4, max_batch=2)\n"
+        "    from runner.cli import main\n"
+        "    sys.exit(main(sys.argv[1:]))\n"
+    )
+    args = [sys.executable, str(script), "--input-dir", str(src), "--output-dir", str(tmp_path / "o")]
+    args += ["--progress", "log", "--retries", "0", "--no-large-pass", "--log-file", str(tmp_path / "l.log")]
+    p = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list((tmp_path / "o").glob("*.md")):
+        time.sleep(0.1)  # the first PDF is written: the run is under way
+    assert list((tmp_path / "o").glob("*.md")), "the run never wrote a PDF"
+    os.kill(p.pid, signal.SIGTERM)
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 143, out
+    assert closed.exists(), out + (tmp_path / "l.log").read_text()
+    assert "terminated (SIGTERM)" in (tmp_path / "l.log").read_text()
+    written = sorted(m.stem for m in (tmp_path / "o").glob("*.md"))
+    assert 0 < len(written) < 6
+    for stem in written:  # whole files, each with its marker
+        assert (tmp_path / "o" / f"{stem}.done").exists()
+        assert (tmp_path / "o" / f"{stem}.md").read_text().count("Page") >= 3
