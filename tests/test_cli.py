@@ -283,8 +283,11 @@ def test_sigterm_closes_the_engine_keeps_what_is_written_and_exits_143(tmp_path)
     assert p.returncode == 143, out
     assert closed.exists(), out + (tmp_path / "l.log").read_text()
     assert "terminated (SIGTERM)" in (tmp_path / "l.log").read_text()
-    written = sorted(m.stem for m in (tmp_path / "o").glob("*.md"))
-    assert 0 < len(written) < 6
-    for stem in written:  # whole files, each with its marker
-        assert (tmp_path / "o" / f"{stem}.done").exists()
+    done = sorted(m.stem for m in (tmp_path / "o").glob("*.done"))
+    assert 0 < len(done) < 6
+    for stem in done:  # a marker only beside a whole file (a Markdown without one is redone)
         assert (tmp_path / "o" / f"{stem}.md").read_text().count("Page") >= 3
+    rerun = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert sorted(m.stem for m in (tmp_path / "o").glob("*.done")) == [f"d{i}" for i in range(6)]
+    assert (tmp_path / "l.log").read_text().count("skip (done marker exists)") == len(done)
