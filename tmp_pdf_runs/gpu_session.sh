@@ -110,7 +110,7 @@ for step in "$@"; do
           gzip -c /tmp/ps/product.log > "$OUT/pyspy/product.log.gz"; cp /tmp/prof_ps/*.txt "$OUT/pyspy/" 2>/dev/null
           for t in /tmp/prof_ps/*.pt.trace.json.gz; do [ -f "$t" ] && [ $(stat -c %s "$t") -lt 25000000 ] && cp "$t" "$OUT/pyspy/"; done; ls -la "$OUT/pyspy" ;;
     samab) log "samab: SAM encoder, upstream attention vs bias-free (one prefill step's images)"
-          timeout -k 10 ${SAMTO:-240} python3 tools/bench_sam.py --pages ${SAMPAGES:-18} --variants ${SAMVARS:-upstream,bias-free,flex} ${SAMPROF:---profile} \
+          timeout -k 10 ${SAMTO:-240} python3 tools/bench_sam.py --pages ${SAMPAGES:-18} --variants ${SAMVARS:-upstream,bias-free} ${SAMPROF:---profile} \
             --jsonl "$OUT/benchmarks.jsonl" 2>&1 | tail -8 | cut -c1-1500 ;;
     epg) bash "$0" epg1 epgk ;;  # one engine vs K engines on the same GPU, same pages (one call: fits 768 pages)
     epg1) log "epg: 1 engine"; timeout -k 10 ${EPTO1:-250} python3 tools/bench.py --model-dir $M/deepseek-ocr --pages ${PAGES:-768} --max-num-seqs 512 --baseline off \

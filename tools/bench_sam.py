@@ -1,6 +1,6 @@
 """Time vLLM's SAM image encoder (DeepSeek-OCR's `build_sam_vit_b`) with upstream's attention and
-with the bias-free attention of runner/vllm_plugin/sam_attention.py (bias folded into widened heads,
-or ``flex``: added inside FlexAttention), on the same random weights
+with the bias-free attention of runner/vllm_plugin/sam_attention.py (bias folded into widened
+heads), on the same random weights
 and inputs (GPU machine; needs vLLM). One JSON line per variant; appended to --jsonl if given.
 
     python tools/bench_sam.py --pages 18 --crops-per-page 6 --jsonl OUT/benchmarks.jsonl
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -89,9 +88,8 @@ def run(
     for variant in variants:
         if variant != "upstream" and not patched:
             patched = patch_sam_attention(eager)
-        # "flex": the bias added inside FlexAttention (64-wide heads); "bias-free": folded into
-        # widened heads; "+compile": torch.compile (inductor) of the whole encoder, batch dynamic
-        os.environ["RUNNER_SAM_ATTENTION"] = "flex" if variant.startswith("flex") else "cat"
+        # "bias-free": the bias folded into widened heads; "+compile": torch.compile (inductor)
+        # of the whole encoder, batch dynamic
         sam = torch.compile(eager, dynamic=True) if variant.endswith("+compile") else eager
         with torch.no_grad():
             t_warm = time.perf_counter()
@@ -125,10 +123,6 @@ def run(
             "device": torch.cuda.get_device_name(0),
             "torch": torch.__version__,
         }
-        if variant.startswith("flex"):
-            from runner.vllm_plugin import sam_attention
-
-            row["flex_error"] = sam_attention.flex_error  # not None: it fell back to "cat"
         if variant != "upstream" and ref is not None:
             row["layers_patched"] = patched
             rel = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(out, ref))
@@ -150,8 +144,8 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=32, help="images per encoder call (RUNNER_ENCODER_BATCH)")
     ap.add_argument(
         "--variants",
-        default="upstream,bias-free,flex",
-        help="comma list: upstream, bias-free, flex, bias-free+compile",
+        default="upstream,bias-free",
+        help="comma list: upstream, bias-free, bias-free+compile",
     )
     ap.add_argument("--profile", action="store_true", help="each variant's top CUDA kernels (torch profiler)")
     ap.add_argument("--jsonl")

@@ -24,9 +24,10 @@ against a copy of upstream's forward, and on the GPU machine against upstream's 
 
 GPU session 6's profile of this path (one 18-page step, H100): the widened heads triple the
 attention's FLOPs (71 of 310 ms in the 64×64 global layers) and the concatenations/pads that build
-q', k', v' cost another ~37 ms. ``RUNNER_SAM_ATTENTION=flex`` instead keeps the 64-wide heads and
-adds the bias inside PyTorch's FlexAttention (``score_mod`` reads rel_h/rel_w; compiled on CUDA);
-equal to upstream in float64 on CPU, its speed not yet measured (so not the default).
+q', k', v' cost another ~37 ms. Keeping 64-wide heads and adding the bias inside PyTorch's
+FlexAttention (``score_mod`` reading rel_h/rel_w, compiled) was tried and measured in GPU session 7
+(``tools/bench_sam.py``, 18 Gundam pages): **147.5 ms/page** against 17.3 here and 20.5 upstream;
+its compiled kernel (~41 ms per call) dominated. Removed again; the numbers are in NOTES.md.
 
 ``RUNNER_FAST_SAM_ATTENTION=0`` keeps upstream's forward. (``torch.compile`` of the whole encoder
 on top of this was measured in GPU session 6 and gave nothing: 17.2 -> 17.4 ms/page, 93 s of
@@ -124,89 +125,26 @@ def rel_pos_attention(
     return out[..., :d]
 
 
-_flex_compiled: dict[bool, Any] = {}
-flex_error: str | None = None  # set when the flex path failed once; the process then uses "cat"
-
-
-def _flex(dynamic: bool) -> Any:
-    """``flex_attention`` compiled (its eager form is a slow reference that materialises the
-    scores). CUDA: batch size dynamic (the engine's encoder batches vary); one compilation per
-    grid (64x64, 40x40, 48x48, 14x14 windows). CPU (tests): static shapes, as inductor's C++
-    template for this ``score_mod`` failed to build with dynamic shapes (torch 2.13)."""
-    fn = _flex_compiled.get(dynamic)
-    if fn is None:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        fn = _flex_compiled[dynamic] = torch.compile(flex_attention, dynamic=dynamic)
-    return fn
-
-
-def flex_rel_pos_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    rel_h: torch.Tensor,
-    rel_w: torch.Tensor,
-    scale: float,
-    compiled: bool | None = None,
-) -> torch.Tensor:
-    """The same scores as ``rel_pos_attention`` with PyTorch's FlexAttention: the head stays 64
-    wide and the bias is added inside the kernel (``score_mod`` reads rel_h/rel_w), so neither a
-    HW x HW tensor nor widened q/k/v copies are written. ``RUNNER_SAM_ATTENTION=flex``."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    w = rel_w.shape[-1]
-
-    def score_mod(score: torch.Tensor, b: Any, h: Any, qi: Any, kv: Any) -> torch.Tensor:
-        return score + rel_h[b, h, qi, kv // w] + rel_w[b, h, qi, kv % w]
-
-    use_compiled = q.is_cuda if compiled is None else compiled
-    fn = _flex(dynamic=q.is_cuda) if use_compiled else flex_attention
-    return fn(q, k, v, score_mod=score_mod, scale=scale)  # type: ignore[no-any-return]
-
-
-def attention_impl() -> str:
-    """``RUNNER_SAM_ATTENTION``: ``cat`` (default: the bias folded into widened heads) or
-    ``flex`` (FlexAttention ``score_mod``; GPU-measured in ``tools/bench_sam.py`` before it may
-    become the default)."""
-    impl = os.environ.get("RUNNER_SAM_ATTENTION", "cat")
-    return "cat" if impl == "flex" and flex_error is not None else impl
-
-
 def fast_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     """Drop-in ``RelPosAttention.forward``: upstream's projections and layout, the bias folded
-    into the query/key (module docstring) or, with ``RUNNER_SAM_ATTENTION=flex``, added inside
-    FlexAttention. Falls back to upstream's forward where the widened head would not fit a flash
-    kernel (cat only)."""
-    global flex_error
+    into the query/key (module docstring). Falls back to upstream's forward where the widened head
+    would not fit a flash kernel."""
     bsz, h, w, _ = x.shape
     nh = self.num_heads
     head_dim = self.qkv.out_features // 3 // nh
-    flex = attention_impl() == "flex"
-    widened_fits = head_dim + h + w + 8 <= MAX_HEAD_DIM  # the default (cat) path's limit
-    if not self.use_rel_pos or (not flex and not widened_fits):
+    if not self.use_rel_pos or head_dim + h + w + 8 > MAX_HEAD_DIM:
         return self._upstream_forward(x)
     qkv = self.qkv(x).reshape(bsz, h * w, 3, nh, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.reshape(3, bsz * nh, h * w, -1).unbind(0)
     rel_h, rel_w = decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, h, w)
     qh, kh, vh = (t.view(bsz, nh, h * w, -1) for t in (q, k, v))
     rh, rw = rel_h.view(bsz, nh, h * w, h), rel_w.view(bsz, nh, h * w, w)
-    out = None
-    if flex:
-        try:
-            out = flex_rel_pos_attention(qh, kh, vh, rh, rw, self.scale)
-        except Exception as e:  # an opt-in speed path must not cost a page: fall back for good
-            flex_error = f"{type(e).__name__}: {e}"[:500]
-            _log.warning("SAM FlexAttention failed (%s); using the default attention", flex_error)
-            if not widened_fits:
-                return self._upstream_forward(x)
-    if out is None:
-        key = (h, w, q.dtype, q.device)
-        cache = self.__dict__.setdefault("_runner_positions", {})
-        positions = cache.get(key)
-        if positions is None:
-            positions = cache[key] = _key_positions(h, w, q.dtype, q.device)
-        out = rel_pos_attention(qh, kh, vh, rh, rw, self.scale, positions)
+    key = (h, w, q.dtype, q.device)
+    cache = self.__dict__.setdefault("_runner_positions", {})
+    positions = cache.get(key)
+    if positions is None:
+        positions = cache[key] = _key_positions(h, w, q.dtype, q.device)
+    out = rel_pos_attention(qh, kh, vh, rh, rw, self.scale, positions)
     out = out.view(bsz, nh, h, w, -1).permute(0, 2, 3, 1, 4).reshape(bsz, h, w, -1)
     return self.proj(out)  # type: ignore[no-any-return]
 
