@@ -381,3 +381,45 @@ def test_a_batch_that_stacks_goes_to_upstream_untouched() -> None:
         extra="kept",
     )
     assert model.calls == [3] and len(out) == 3
+
+
+def test_batch_description_names_view_sizes_and_crops() -> None:
+    from runner.vllm_plugin.batched_encoder import describe_batch
+
+    mixed = dict(
+        pixel_values=[torch.zeros(3, 16, 16), torch.zeros(3, 20, 20), torch.zeros(3, 16, 16)],
+        images_crop=[torch.zeros(6, 3, 8, 8), torch.zeros(0, 3, 20, 20), torch.zeros(4, 3, 8, 8)],
+    )
+    assert describe_batch(mixed) == "2 x 16² + 1 x 20² + 10 crops 8²"
+    stacked = dict(pixel_values=torch.zeros(5, 3, 16, 16), images_crop=torch.zeros(0, 3, 8, 8))
+    assert describe_batch(stacked) == "5 x 16²"
+    assert describe_batch({}) == "no images"
+
+
+def test_memory_trace_logs_each_encoder_call(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RUNNER_MEMORY_TRACE=1: one line per encoder call with what it encoded and the allocator's
+    numbers (stand-ins here: the real ones need CUDA)."""
+    import logging
+
+    state = {"alloc": 10 * 2**30, "peak": 12 * 2**30}
+    monkeypatch.setenv("RUNNER_MEMORY_TRACE", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: state["alloc"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: state["peak"])
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda: 15 * 2**30)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: state.update(peak=state["alloc"]))
+    pages = [_page(16, 8, (2, 2), i) for i in range(2)]
+    model = _MixedModel()
+    with caplog.at_level(logging.INFO, logger="vllm.deepseek_ocr_pipeline"):
+        out = model.embed_multimodal(
+            pixel_values=torch.stack([p for p, _ in pages]),
+            images_crop=torch.cat([c for _, c in pages]),
+            images_spatial_crop=torch.tensor([[2, 2]] * 2),
+            extra="kept",
+        )
+    assert len(out) == 2 and model.calls == [2]
+    line = next(r.getMessage() for r in caplog.records if "memory trace" in r.getMessage())
+    assert "2 x 16² + 8 crops 8²" in line
+    assert "allocated 10.00 GiB on entry" in line and "12.00 GiB between the previous call" in line

@@ -112,6 +112,11 @@ for step in "$@"; do
     samab) log "samab: SAM encoder, upstream attention vs bias-free (one prefill step's images)"
           timeout -k 10 ${SAMTO:-240} python3 tools/bench_sam.py --pages ${SAMPAGES:-18} --variants ${SAMVARS:-upstream,bias-free} ${SAMPROF:---profile} \
             --jsonl "$OUT/benchmarks.jsonl" 2>&1 | tail -8 | cut -c1-1500 ;;
+    memtrace) log "memtrace: one engine, every encoder call's memory (RUNNER_MEMORY_TRACE=1), warm-up included"
+          RUNNER_MEMORY_TRACE=1 timeout -k 10 ${MTTO:-300} python3 tools/bench.py --model-dir $M/${MTMODEL:-deepseek-ocr} --pages ${PAGES:-256} --max-num-seqs ${SEQS:-512} --baseline off \
+            --product cli --product-timeout ${MTTO2:-280} --work-dir /tmp/mt --jsonl "$OUT/benchmarks.jsonl" --tag memtrace 2>&1 | tail -1 | cut -c1-800
+          grep -h "memory trace" /tmp/mt/product.log | sed 's/.*memory trace: //' > "$OUT/memtrace.log"; wc -l < "$OUT/memtrace.log"
+          sort -t'(' -k2 -g -r "$OUT/memtrace.log" | head -5 | cut -c1-300; grep -h "peak activation\|KV cache memory" /tmp/mt/product.log | cut -c1-300 | head -3 ;;
     epg) bash "$0" epg1 epgk ;;  # one engine vs K engines on the same GPU, same pages (one call: fits 768 pages)
     epg1) log "epg: 1 engine"; timeout -k 10 ${EPTO1:-250} python3 tools/bench.py --model-dir $M/deepseek-ocr --pages ${PAGES:-768} --max-num-seqs 512 --baseline off \
             --product cli --product-timeout ${EPTO1P:-240} --work-dir /tmp/ep1 --jsonl "$OUT/benchmarks.jsonl" --tag epg-1 2>&1 | tail -1 | cut -c1-1200 ;;

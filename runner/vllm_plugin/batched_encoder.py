@@ -53,6 +53,48 @@ def _per_item(value: Any, n: int, counts: list[int] | None = None) -> list[torch
     return list(torch.split(value, counts))
 
 
+def describe_batch(kwargs: dict[str, Any]) -> str:
+    """ "23 x 1024² + 138 crops 640²"-style summary of an encoder batch (lists: one entry each)."""
+    pv, crops = kwargs.get("pixel_values"), kwargs.get("images_crop")
+    views = list(pv) if isinstance(pv, (list, tuple)) else [pv] if pv is not None else []
+    sizes: dict[int, int] = {}
+    for v in views:
+        n = v.shape[0] if v.dim() == 4 else 1
+        sizes[int(v.shape[-1])] = sizes.get(int(v.shape[-1]), 0) + n
+    parts = [f"{n} x {s}²" for s, n in sorted(sizes.items())]
+    crop_list = list(crops) if isinstance(crops, (list, tuple)) else [crops] if crops is not None else []
+    crop_sizes: dict[int, int] = {}
+    for c in crop_list:
+        if c.shape[0]:
+            crop_sizes[int(c.shape[-1])] = crop_sizes.get(int(c.shape[-1]), 0) + int(c.shape[0])
+    parts += [f"{n} crops {s}²" for s, n in sorted(crop_sizes.items())]
+    return " + ".join(parts) or "no images"
+
+
+def _traced(fn: Any, kwargs: dict[str, Any]) -> Any:
+    """Run one encoder call and log, in the engine core: what it encoded, what was allocated on
+    entry, the highest allocation since the previous call (the rest of the previous step: LM
+    forward, sampler) and during this one. For finding what the warm-up holds beyond vLLM's
+    profile (GPU session 7: ~6 GiB over the 3.6 GiB it profiled)."""
+    gib = 2**30
+    since_last = torch.cuda.max_memory_allocated() / gib
+    entry = torch.cuda.memory_allocated() / gib
+    torch.cuda.reset_peak_memory_stats()
+    out = fn(kwargs)
+    log.info(
+        "memory trace: encoder call %s: allocated %.2f GiB on entry, peak %.2f GiB in it (+%.2f), "
+        "peak %.2f GiB between the previous call and this one; reserved %.2f GiB",
+        describe_batch(kwargs),
+        entry,
+        torch.cuda.max_memory_allocated() / gib,
+        torch.cuda.max_memory_allocated() / gib - entry,
+        since_last,
+        torch.cuda.memory_reserved() / gib,
+    )
+    torch.cuda.reset_peak_memory_stats()
+    return out
+
+
 def uniform_groups(kwargs: dict[str, Any]) -> list[dict[str, Any]] | None:
     """Split one encoder batch into runs of consecutive images whose tensors stack, or None when
     it already stacks (the normal case).
@@ -107,7 +149,13 @@ class _BatchedEncoderMixin:
     view_seperator: torch.Tensor  # upstream's spelling
 
     def embed_multimodal(self, **kwargs: Any) -> Any:
-        """Upstream's, once per run of images whose tensors stack (``uniform_groups``)."""
+        """Upstream's, once per run of images whose tensors stack (``uniform_groups``); with
+        ``RUNNER_MEMORY_TRACE=1`` each call's memory is logged (``_traced``)."""
+        if os.environ.get("RUNNER_MEMORY_TRACE") == "1" and torch.cuda.is_available():
+            return _traced(self._embed_groups, kwargs)
+        return self._embed_groups(kwargs)
+
+    def _embed_groups(self, kwargs: dict[str, Any]) -> Any:
         groups = uniform_groups(kwargs)
         if groups is None:
             return super().embed_multimodal(**kwargs)  # type: ignore[misc]
