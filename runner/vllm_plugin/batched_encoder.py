@@ -102,9 +102,10 @@ def uniform_groups(kwargs: dict[str, Any]) -> list[dict[str, Any]] | None:
     vLLM batches a step's images by stacking each field; when the shapes differ it hands the model
     a list instead, and upstream's ``_parse_and_validate_image_input`` fails on it (``torch.sum``
     of a list) and the engine core dies. That happens whenever one step encodes a Gundam page
-    (1024² global view, 640² crops) beside a Large-mode retry (1280², no crops): the Large pass of
-    OCR-1, and the engine's warm-up, which includes Large pages (GPU session 7: an engine died in
-    warm-up on exactly this). Order is kept, so the outputs still line up with vLLM's items."""
+    (1024² global view, 640² crops) beside a Large-mode page (1280², no crops): the engine's
+    warm-up mixes them (GPU session 7: an engine died in warm-up on exactly this); in a run the
+    pipeline's Large pass follows the main pass, but nothing else keeps the sizes apart. Order is
+    kept, so the outputs still line up with vLLM's items."""
     pv, crops, spatial = (
         kwargs.get("pixel_values"),
         kwargs.get("images_crop"),
