@@ -322,16 +322,8 @@ def gpu_memory_gib() -> float | None:
         return None
 
 
-def _gpu_peers() -> int:
-    """How many engines share this worker's GPU (``--engines-per-gpu``; the launcher tells its
-    workers through ``RUNNER_ENGINE_GPU_PEERS``)."""
-    try:
-        return max(1, int(os.environ.get("RUNNER_ENGINE_GPU_PEERS", "1")))
-    except ValueError:
-        return 1
-
-
 def _apply_profile(ec: EngineConfig, run_gib: float | None = None) -> EngineConfig:
+    from runner.launcher import gpu_peers
     from runner.profiles import (
         OUTSIDE_VLLM_GIB,
         BudgetError,
@@ -341,7 +333,7 @@ def _apply_profile(ec: EngineConfig, run_gib: float | None = None) -> EngineConf
         vllm_utilization_for,
     )
 
-    peers = _gpu_peers()
+    peers = gpu_peers()
     total = gpu_memory_gib() if (ec.profile != "default" or run_gib or peers > 1) else None
     if run_gib:
         if total is None:

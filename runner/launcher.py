@@ -37,6 +37,18 @@ from runner.summary import SUMMARY_NAME, dumps, shard_summary_name
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+GPU_PEERS_ENV = "RUNNER_ENGINE_GPU_PEERS"  # how many engines share the worker's GPU
+
+
+def gpu_peers() -> int:
+    """How many engines share this worker's GPU (``--engines-per-gpu``; 1 unless this launcher
+    started the worker with more)."""
+    try:
+        return max(1, int(os.environ.get(GPU_PEERS_ENV, "1")))
+    except ValueError:
+        return 1
+
+
 # Totals that are meaningful when summed across shards; rates and ratios are recomputed instead.
 _ADDITIVE_TOP = (
     "pages_total",
@@ -194,7 +206,7 @@ def plan_workers(
         env: tuple[tuple[str, str], ...] = (("CUDA_VISIBLE_DEVICES", gpu), *secret_env)
         if engines_per_gpu > 1:
             lock = os.path.join(lock_dir or tempfile.gettempdir(), f"runner-engine-start-gpu{gpu}.lock")
-            env += (("RUNNER_ENGINE_START_LOCK", lock), ("RUNNER_ENGINE_GPU_PEERS", str(engines_per_gpu)))
+            env += (("RUNNER_ENGINE_START_LOCK", lock), (GPU_PEERS_ENV, str(engines_per_gpu)))
         specs.append(WorkerSpec(gpu=gpu, shard_index=k, num_shards=total, argv=tuple(cmd), env=env))
     return specs
 

@@ -244,11 +244,10 @@ def _wait_for_gpu_peers(timeout_s: float = 1800.0, poll_s: float = 0.5) -> None:
     on this GPU are ready, so they work side by side from the start (the start-up lock makes the
     K-th engine ready minutes after the first, which would otherwise run alone meanwhile).
     Each engine leaves ``<lock>.ready.<pid>``; after ``timeout_s`` it goes on with a warning."""
+    from runner.launcher import gpu_peers
+
     lock = os.environ.get("RUNNER_ENGINE_START_LOCK")
-    try:
-        peers = int(os.environ.get("RUNNER_ENGINE_GPU_PEERS", "1"))
-    except ValueError:
-        peers = 1
+    peers = gpu_peers()
     if not lock or peers <= 1:
         return
     Path(f"{lock}.ready.{os.getpid()}").touch()

@@ -43,6 +43,13 @@ def _max_batch() -> int:
     return max(1, int(os.environ.get("RUNNER_ENCODER_BATCH", "32")))
 
 
+def crops_per_image(spatial: torch.Tensor) -> torch.Tensor:
+    """Crops each image has, from its (n, 2) tile grid: w*h when tiled, 0 for a 1x1 grid (no
+    crops), as upstream's field layout and per-page loop count them."""
+    tiled = (spatial[:, 0] > 1) | (spatial[:, 1] > 1)
+    return torch.where(tiled, spatial.prod(dim=-1), 0)
+
+
 def _per_item(value: Any, n: int, counts: list[int] | None = None) -> list[torch.Tensor]:
     """One tensor per image from a field vLLM batched: a list (shapes differed) stays as it is; a
     tensor is split along dim 0, by ``counts`` rows per image for the flat crops field."""
@@ -81,13 +88,14 @@ def _traced(fn: Any, kwargs: dict[str, Any]) -> Any:
     entry = torch.cuda.memory_allocated() / gib
     torch.cuda.reset_peak_memory_stats()
     out = fn(kwargs)
+    peak = torch.cuda.max_memory_allocated() / gib
     log.info(
         "memory trace: encoder call %s: allocated %.2f GiB on entry, peak %.2f GiB in it (+%.2f), "
         "peak %.2f GiB between the previous call and this one; reserved %.2f GiB",
         describe_batch(kwargs),
         entry,
-        torch.cuda.max_memory_allocated() / gib,
-        torch.cuda.max_memory_allocated() / gib - entry,
+        peak,
+        peak - entry,
         since_last,
         torch.cuda.memory_reserved() / gib,
     )
@@ -119,7 +127,7 @@ def uniform_groups(kwargs: dict[str, Any]) -> list[dict[str, Any]] | None:
         return None
     n = len(pv)
     spatial_items = _per_item(spatial, n)
-    counts = [int(t[0]) * int(t[1]) if (int(t[0]) > 1 or int(t[1]) > 1) else 0 for t in spatial_items]
+    counts = crops_per_image(torch.stack(spatial_items)).tolist()
     pv_items = _per_item(pv, n)
     crop_items = _per_item(crops, n, counts) if crops is not None else None
     rest = {
@@ -203,8 +211,7 @@ class _BatchedEncoderMixin:
         # The tile grids on the host once: upstream reads them with .item() per page, a host sync
         # each time, and its grid assembly (_finish_local) does so on what it is given.
         spatial = images_spatial_crop.cpu()
-        is_tiled = (spatial[:, 0] > 1) | (spatial[:, 1] > 1)
-        counts = torch.where(is_tiled, spatial.prod(dim=-1), 0).tolist()
+        counts = crops_per_image(spatial).tolist()
         out: list[torch.Tensor] = []
         first_crop = 0
         for a in range(0, n, cap):

@@ -53,7 +53,7 @@ from vllm.multimodal.parse import (
 )
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
-from runner.vllm_plugin.batched_encoder import BatchedOCR2Mixin, BatchedOCRMixin
+from runner.vllm_plugin.batched_encoder import BatchedOCR2Mixin, BatchedOCRMixin, crops_per_image
 from runner.vllm_plugin.encoder_mask import patch_encoder_mask
 from runner.vllm_plugin.memory_cap import apply_from_env as apply_memory_cap
 from runner.vllm_plugin.preprocess import ViewSpec, num_image_tokens
@@ -68,8 +68,7 @@ PREPARED_FIELDS = frozenset({"pixel_values", "images_crop", "images_spatial_crop
 def prepared_fields_config(hf_inputs: Mapping[str, torch.Tensor]) -> Mapping[str, MultiModalFieldConfig]:
     """Upstream's field layout (``_get_mm_fields_config``), as a function of the tensors."""
     spatial = hf_inputs.get("images_spatial_crop", torch.empty((0, 2), dtype=torch.long))
-    tiled = (spatial[:, 0] > 1) | (spatial[:, 1] > 1)
-    per_image = torch.where(tiled, spatial.prod(dim=-1), 0)
+    per_image = crops_per_image(spatial)
     return dict(
         pixel_values=MultiModalFieldConfig.batched("image"),
         images_spatial_crop=MultiModalFieldConfig.batched("image"),
