@@ -273,8 +273,9 @@ def test_later_steps_never_encode_more_pages_at_once_than_the_profiling_call(
         g, c, s = _inputs([(2, 3), (1, 1), (3, 2), (2, 2), (1, 1), (2, 1), (1, 1)])
         want = ref._pixel_values_to_embedding(g, c, s)
         got = new._pixel_values_to_embedding(g, c, s)
-    # 7 pages in groups of 2, 2, 2, 1: globals and crops of each group (6+0, 6+4, 0+2, 0)
-    assert sizes == [2, 6, 2, 10, 2, 2, 1]
+    # 7 pages in groups of 2, 2, 2, 1: globals and crops of each group (6+0, 6+4, 0+2, 0); no
+    # call over the profiling call's largest pixels (2 x 64² = 8 crops of 32²): 10 crops -> 8 + 2
+    assert sizes == [2, 6, 2, 8, 2, 2, 2, 1]
     assert len(got) == len(want) == 7
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -423,3 +424,41 @@ def test_memory_trace_logs_each_encoder_call(
     line = next(r.getMessage() for r in caplog.records if "memory trace" in r.getMessage())
     assert "2 x 16² + 8 crops 8²" in line
     assert "allocated 10.00 GiB on entry" in line and "12.00 GiB between the previous call" in line
+
+
+@pytest.mark.parametrize("model", ["ocr", "ocr2"])
+def test_larger_views_than_profiled_are_encoded_in_smaller_chunks(
+    model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GPU session 8: the warm-up's Large pages (1280², no crops) went through the encoder as many
+    at once as the profiling call's Gundam pages (1024² + crops), 1.6x its pixels, and ran the
+    engine out of memory. Each encoder call now holds at most the profiling call's largest pixel
+    count, scaled down by side for views larger than the profiled ones; same result as upstream."""
+    torch.manual_seed(3)
+    up1, up2 = _upstream_classes()
+    ref_cls, new_cls = (up1, Batched1) if model == "ocr" else (up2, Batched2)
+    ref, new = ref_cls(), new_cls()
+    new.load_state_dict(ref.state_dict())
+    sizes: list[tuple[int, int]] = []
+    orig = new.sam_model.forward
+    monkeypatch.setattr(
+        new.sam_model, "forward", lambda x: sizes.append((x.shape[0], x.shape[-1])) or orig(x)
+    )
+    with torch.no_grad():
+        # profiling call: 4 pages of 64² globals (4 * 4096 px, the largest call) + 8 crops of 32²
+        new._pixel_values_to_embedding(*_inputs([(2, 1), (2, 1), (2, 1), (2, 1)]))
+        assert sizes == [(4, 64), (8, 32)]
+        sizes.clear()
+        # 4 untiled pages of 80²: 4096 * 4 * (64 / 80) // 6400 = 2 views per call, not 4
+        g, c, s = _inputs([(1, 1)] * 4, base=80)
+        want = ref._pixel_values_to_embedding(g, c, s)
+        got = new._pixel_values_to_embedding(g, c, s)
+        assert sizes == [(2, 80), (2, 80)]
+        sizes.clear()
+        # smaller views still fill the profiled pixels: 4 pages, 2x2 grids -> 16 crops of 32², all
+        # in one call (16 * 1024 = 16384 px <= 4 * 4096)
+        new._pixel_values_to_embedding(*_inputs([(2, 2)] * 4))
+        assert sizes == [(4, 64), (16, 32)]
+    assert len(got) == len(want) == 4
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

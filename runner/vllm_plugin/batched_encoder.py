@@ -190,9 +190,28 @@ class _BatchedEncoderMixin:
         raise NotImplementedError
 
     def _encode_chunked(self, x: torch.Tensor) -> torch.Tensor:
-        b = _max_batch()
+        b = self._views_cap(x)
         parts = [self._encode_views(x[i : i + b]) for i in range(0, x.shape[0], b)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _views_cap(self, x: torch.Tensor) -> int:
+        """Views of this size per ``_encode_views`` call: at most ``RUNNER_ENCODER_BATCH``, and no
+        more pixels than the largest call of the profiling step encoded (its activation peak is
+        what vLLM budgeted). Views larger than the profiled ones get proportionally fewer pixels,
+        as their attention costs more per pixel. GPU session 8 (H100): the warm-up's 1280² Large
+        pages, 23 per call (the page cap) = 1.6× the profiled pixels, took +6.6 GiB against +3.3
+        profiled and ran the engine out of memory."""
+        b = _max_batch()
+        budget = getattr(self, "_runner_pixel_budget", None)
+        side = max(int(x.shape[-2]), int(x.shape[-1]))
+        pixels = int(x.shape[-2]) * int(x.shape[-1])
+        if budget is None:  # the profiling call: it sets the budget
+            seen_total, seen_side = getattr(self, "_runner_profiled", (0, 0))
+            self._runner_profiled = (max(seen_total, min(b, x.shape[0]) * pixels), max(seen_side, side))
+            return b
+        total, profiled_side = budget
+        scale = min(1.0, profiled_side / side)
+        return max(1, min(b, int(total * scale) // pixels))
 
     def _pixel_values_to_embedding(
         self,
@@ -221,6 +240,16 @@ class _BatchedEncoderMixin:
                 pixel_values[a:b], images_crop[first_crop : first_crop + k], spatial[a:b], counts[a:b]
             )
             first_crop += k
+        if getattr(self, "_runner_pixel_budget", None) is None:
+            total, side = getattr(self, "_runner_profiled", (0, 0))
+            self._runner_pixel_budget = (total, side) if total else None
+            if total:
+                log.info(
+                    "batched vision encoder: at most %.1f Mpixel of views per encoder call "
+                    "(the profiling call's largest; views over %d px get proportionally fewer)",
+                    total / 1e6,
+                    side,
+                )
         return out
 
     def _pages_cap(self, n: int) -> int:
