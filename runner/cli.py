@@ -322,6 +322,9 @@ def gpu_memory_gib() -> float | None:
         return None
 
 
+_DEFAULT_UTIL = EngineConfig().gpu_memory_utilization
+
+
 def _apply_profile(ec: EngineConfig, run_gib: float | None = None) -> EngineConfig:
     from runner.launcher import gpu_peers
     from runner.profiles import (
@@ -330,6 +333,7 @@ def _apply_profile(ec: EngineConfig, run_gib: float | None = None) -> EngineConf
         allocator_cap_for,
         apply_profile,
         shared_gpu_allocator_cap,
+        shared_gpu_utilization,
         vllm_utilization_for,
     )
 
@@ -348,6 +352,13 @@ def _apply_profile(ec: EngineConfig, run_gib: float | None = None) -> EngineConf
         log.info("profile: %s", why)
         usable: float | None = run_gib - OUTSIDE_VLLM_GIB  # exact (the share above is rounded)
     else:
+        if peers > 1 and total is not None and ec.gpu_memory_utilization == _DEFAULT_UTIL:
+            try:
+                util, why = shared_gpu_utilization(total, peers, _DEFAULT_UTIL)
+            except BudgetError as e:
+                raise ConfigError(str(e)) from None
+            ec = dataclasses.replace(ec, gpu_memory_utilization=util)
+            log.info("profile: %s", why)
         usable = total * ec.gpu_memory_utilization if total is not None else None
         if peers > 1 and total is not None and ec.torch_memory_cap_gib is None:
             cap, why = shared_gpu_allocator_cap(total, ec.gpu_memory_utilization, peers)

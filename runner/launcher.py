@@ -191,9 +191,9 @@ def plan_workers(
         rest, run_gib = _take_option(rest, "--gpu-memory-gib")
         if run_gib is not None:
             rest += ["--gpu-memory-gib", f"{float(run_gib) / engines_per_gpu:.3f}"]
-        else:
-            share = float(util) if util is not None else 0.9
-            rest += ["--gpu-memory-utilization", f"{share / engines_per_gpu:.4f}"]
+        elif util is not None:
+            rest += ["--gpu-memory-utilization", f"{float(util) / engines_per_gpu:.4f}"]
+        # else: each engine sizes its own share from the card (profiles.shared_gpu_utilization)
     slots = [(gpu, j) for gpu in gpus for j in range(engines_per_gpu)]
     n = len(slots)
     total = fleet_n * n

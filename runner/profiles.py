@@ -20,6 +20,7 @@ repeated after the offload threshold fix.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from runner.config import EngineConfig
 
@@ -81,6 +82,35 @@ def allocator_cap_for(run_gib: float) -> tuple[float, str]:
     return cap, (
         f"the engine core's PyTorch allocator is capped at {cap:.2f} GiB ({run_gib:g} minus "
         f"~{OUTSIDE_ALLOCATOR_GIB:g} GiB it holds outside the allocator)"
+    )
+
+
+#: what one engine's process really peaks over its vLLM budget in a full run (GPU session 8, H100,
+#: OCR-1 Gundam, one engine: 77.2 GiB at a 71.26 GiB budget): its encoder steps peak ~1.9 GiB over
+#: what vLLM profiles, the allocator keeps ~1.9 GiB reserved but free, plus the CUDA context and
+#: memory vLLM does not count. One engine fits it in the 10% vLLM leaves; K engines need it K times.
+ENGINE_EXCESS_GIB = 5.9
+#: memory the device shows in use before any process starts (GPU session 6, H100)
+DEVICE_RESERVED_GIB = 0.5
+
+
+def shared_gpu_utilization(card_gib: float, peers: int, default: float = 0.9) -> tuple[float, str]:
+    """``--engines-per-gpu K`` without ``--gpu-memory-utilization``: each engine's vLLM share so
+    that K engines, each peaking ``ENGINE_EXCESS_GIB`` over its budget, fit on the card; never more
+    than ``default / K`` (for one engine the formula gives more than 0.9: the default stays).
+    GPU session 7 (H100, 2 x 0.45) ran the second engine out of memory in its warm-up."""
+    budget = (card_gib - DEVICE_RESERVED_GIB) / peers - ENGINE_EXCESS_GIB
+    util = math.floor(min(default / peers, budget / card_gib) * 1e4) / 1e4
+    if util * card_gib < TIGHT_BUDGET_GIB * 2:
+        raise BudgetError(
+            f"{peers} engines do not fit on a {card_gib:.1f} GiB GPU: each would get "
+            f"{util * card_gib:.1f} GiB after the ~{ENGINE_EXCESS_GIB:g} GiB each peaks over its budget"
+        )
+    return util, (
+        f"gpu_memory_utilization={util:g} per engine: {peers} engines share this "
+        f"{card_gib:.1f} GiB GPU and each peaks ~{ENGINE_EXCESS_GIB:g} GiB over its vLLM budget "
+        f"(measured), so each gets (card - {DEVICE_RESERVED_GIB:g}) / {peers} - {ENGINE_EXCESS_GIB:g} "
+        f"= {util * card_gib:.1f} GiB"
     )
 
 

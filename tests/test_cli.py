@@ -232,6 +232,11 @@ def test_engines_sharing_a_gpu_cap_their_allocators_so_together_they_fit_the_car
     caps = engine_config("--gpu-memory-utilization", "0.45").torch_memory_cap_gib
     assert caps is not None and caps > 0.45 * 79.18
     assert 2 * (caps + OUTSIDE_ALLOCATOR_GIB) == approx(79.18, abs=0.02)
+    # no share given: each of 2 engines gets (card - 0.5) / 2 - the measured excess, and K such
+    # engines plus their excess fit on the card
+    shared = engine_config()
+    assert shared.gpu_memory_utilization == approx((79.18 - 0.5) / 2 / 79.18 - 5.9 / 79.18, abs=1e-3)
+    assert 2 * (shared.gpu_memory_utilization * 79.18 + 5.9) <= 79.18 - 0.5 + 1e-6
     # --gpu-memory-gib's own cap (the launcher divides it among the engines) is kept
     assert engine_config("--gpu-memory-gib", "20").torch_memory_cap_gib == round(
         20 - OUTSIDE_ALLOCATOR_GIB, 2

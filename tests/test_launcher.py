@@ -135,6 +135,9 @@ def test_engines_per_gpu_split_the_memory_share_and_share_a_start_lock(tmp_path)
     # the whole-run budget is split the same way; one engine per GPU changes nothing
     [a, _] = plan_workers(["--gpu-memory-gib", "8"], ["0"], ("py",), engines_per_gpu=2)
     assert list(a.argv)[list(a.argv).index("--gpu-memory-gib") + 1] == "4.000"
+    # without a share of the user's, each engine sizes its own (profiles.shared_gpu_utilization)
+    [a, _] = plan_workers(["--output-dir", "o"], ["0"], ("py",), engines_per_gpu=2)
+    assert "--gpu-memory-utilization" not in a.argv
     [one] = plan_workers(["--gpu-memory-utilization", "0.8"], ["0"], ("py",))
     assert "0.8" in one.argv and "RUNNER_ENGINE_START_LOCK" not in dict(one.env)
     with pytest.raises(ValueError):

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from runner.config import EngineConfig
-from runner.profiles import apply_profile
+from runner.profiles import BudgetError, apply_profile
 
 
 def test_auto_without_gpu_info_changes_nothing() -> None:
@@ -72,3 +72,16 @@ def test_explicit_flags_win_over_the_profile() -> None:
 def test_default_profile_changes_nothing() -> None:
     cfg = EngineConfig(profile="default")
     assert apply_profile(cfg, 4.0)[0] == cfg
+
+
+def test_engines_sharing_a_gpu_get_what_fits_with_their_measured_excess() -> None:
+    from runner.profiles import DEVICE_RESERVED_GIB, ENGINE_EXCESS_GIB, shared_gpu_utilization
+
+    h100 = 79.18
+    u2, why = shared_gpu_utilization(h100, 2)
+    assert 2 * (u2 * h100 + ENGINE_EXCESS_GIB) <= h100 - DEVICE_RESERVED_GIB
+    assert u2 > 0.42 and "2 engines" in why
+    assert shared_gpu_utilization(h100, 1)[0] == 0.9  # one engine: the default, as measured
+    assert shared_gpu_utilization(139.8, 2)[0] == 0.45  # H200: room for the default halves
+    with pytest.raises(BudgetError, match="do not fit"):
+        shared_gpu_utilization(23.6, 2)
