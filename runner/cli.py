@@ -144,8 +144,8 @@ def build_parser(default_engine: str = "vllm") -> argparse.ArgumentParser:
     en.add_argument(
         "--model",
         default=d.model,
-        help="hub id or local folder (--engine hf runs DeepSeek-OCR-2 only: Transformers has no "
-        "native DeepSeek-OCR v1)",
+        help="hub id or local folder (DeepSeek-OCR or DeepSeek-OCR-2; --engine hf runs DeepSeek-OCR "
+        "with transformers>=5.23)",
     )
     en.add_argument("--resolution", help="tiny|small|base|large|gundam (OCR-2: base|gundam); default gundam")
     en.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype)

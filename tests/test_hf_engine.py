@@ -283,13 +283,6 @@ def test_unsupported_resolution_fails_at_start(engine: HfEngine) -> None:
         _variant(engine, resolution="tiny").start()
 
 
-def test_deepseek_ocr_v1_is_refused_with_a_hint(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["DeepseekOCRForCausalLM"]}))
-    engine = HfEngine(EngineConfig(model=str(tmp_path), device="cpu"))
-    with pytest.raises(EngineUnavailable, match="--engine vllm"):
-        engine.start()
-
-
 # -- end to end through the CLI ----------------------------------------------------------------
 
 

@@ -239,3 +239,155 @@ def cached_tiny_ocr2(root: Path, *, upstream_format: bool = False) -> Path:
     build_tiny_ocr2(tmp, upstream_format=upstream_format)
     os.replace(tmp, final)
     return final
+
+
+# --- DeepSeek-OCR (v1) -----------------------------------------------------------------------
+
+#: Tiny sizes (``build_tiny_ocr1``); ``full_vision=True`` keeps upstream's SAM ViT-B and CLIP-L,
+#: which vLLM builds at fixed sizes, for a checkpoint vLLM itself can load (GPU check).
+TINY_OCR1_TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "moe_intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 1,
+}
+TINY_OCR1_SAM = {
+    "width": 32,
+    "layers": 2,
+    "heads": 2,
+    "global_attn_indexes": [1],
+    "downsample_channels": [32, 48],
+}
+TINY_OCR1_CLIP = {
+    "width": 48,
+    "layers": 2,
+    "heads": 2,
+    "image_size": 224,
+    "patch_size": 14,
+    "intermediate_size": 64,
+}
+FULL_OCR1_SAM = {
+    "width": 768,
+    "layers": 12,
+    "heads": 12,
+    "global_attn_indexes": [2, 5, 8, 11],
+    "downsample_channels": [512, 1024],
+}
+FULL_OCR1_CLIP = {
+    "width": 1024,
+    "layers": 24,
+    "heads": 16,
+    "image_size": 224,
+    "patch_size": 14,
+    "intermediate_size": 4096,
+}
+
+
+def upstream_ocr1_config(
+    text: dict[str, Any] | None = None, sam: dict[str, Any] | None = None, clip: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A DeepSeek-OCR ``config.json`` in upstream's layout (as published with
+    ``deepseek-ai/DeepSeek-OCR``: ``deepseek_vl_v2``, ``deeplip_b_l``), tiny sizes by default."""
+    text = {**TINY_OCR1_TEXT, **(text or {})}
+    sam = dict(sam or TINY_OCR1_SAM)
+    clip = dict(clip or TINY_OCR1_CLIP)
+    language = {
+        "architectures": ["DeepseekV2ForCausalLM"],
+        "bos_token_id": EXPECTED_IDS["<｜begin▁of▁sentence｜>"],
+        "eos_token_id": EXPECTED_IDS["<｜end▁of▁sentence｜>"],
+        "first_k_dense_replace": 1,
+        "kv_lora_rank": None,
+        "lm_head": True,
+        "max_position_embeddings": 8192,
+        "n_group": 1,
+        "q_lora_rank": None,
+        "qk_nope_head_dim": 0,
+        "qk_rope_head_dim": 0,
+        "rm_head": False,
+        "topk_group": 1,
+        "topk_method": "greedy",
+        "use_mla": False,
+        "v_head_dim": 0,
+        "vocab_size": VOCAB_SIZE,
+        **text,
+    }
+    return {
+        "architectures": ["DeepseekOCRForCausalLM"],
+        "model_type": "deepseek_vl_v2",
+        "candidate_resolutions": [[1024, 1024]],
+        "global_view_pos": "head",
+        "tile_tag": "2D",
+        "language_config": language,
+        "projector_config": {
+            "input_dim": sam["downsample_channels"][-1] + clip["width"],
+            "model_type": "mlp_projector",
+            "n_embed": text["hidden_size"],
+            "projector_type": "linear",
+        },
+        "vision_config": {
+            "image_size": 1024,
+            "model_name": "deeplip_b_l",
+            "model_type": "vision",
+            "width": {"clip-l-14-224": clip, "sam_vit_b": sam},
+        },
+        **{k: language[k] for k in language if k not in ("architectures",)},
+    }
+
+
+def build_tiny_ocr1(folder: Path, *, full_vision: bool = False, seed: int = SEED) -> Path:
+    """Write a random DeepSeek-OCR checkpoint in upstream's layout: config.json as published,
+    weights under upstream's names (Transformers writes ``UnlimitedOcr`` weights that way),
+    including CLIP's unused ``patch_embedding`` that the published file holds."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import UnlimitedOcrConfig, UnlimitedOcrForConditionalGeneration
+
+    sys_path_repo()
+    from runner.engines.hf_engine import native_ocr1_config
+
+    folder = Path(folder)
+    write_ocr_tokenizer(folder)
+    upstream = upstream_ocr1_config(
+        sam=FULL_OCR1_SAM if full_vision else None, clip=FULL_OCR1_CLIP if full_vision else None
+    )
+    config = UnlimitedOcrConfig(**native_ocr1_config(upstream))
+    config.image_token_id = EXPECTED_IDS["<image>"]
+    torch.manual_seed(seed)
+    model = UnlimitedOcrForConditionalGeneration(config).eval()
+    model.save_pretrained(str(folder))
+    weights = load_file(str(folder / "model.safetensors"))
+    clip = upstream["vision_config"]["width"]["clip-l-14-224"]
+    weights["model.vision_model.embeddings.patch_embedding.weight"] = (
+        torch.randn(clip["width"], 3, clip["patch_size"], clip["patch_size"]) * 0.02
+    )
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(upstream, indent=1))
+    for extra in ("generation_config.json",):
+        (folder / extra).unlink(missing_ok=True)
+    write_ocr_tokenizer(folder)
+    return folder
+
+
+def cached_tiny_ocr1(root: Path) -> Path:
+    """Build once under ``root`` and reuse (as ``cached_tiny_ocr2``)."""
+    final = Path(root) / "tiny-deepseek-ocr1-upstream"
+    if (final / "config.json").is_file() and (final / "model.safetensors").is_file():
+        return final
+    tmp = Path(root) / f".tiny-deepseek-ocr1.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_tiny_ocr1(tmp)
+    os.replace(tmp, final)
+    return final
+
+
+def sys_path_repo() -> None:
+    import sys
+
+    repo = str(Path(__file__).resolve().parents[1])
+    if repo not in sys.path:
+        sys.path.insert(0, repo)

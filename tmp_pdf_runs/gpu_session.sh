@@ -141,6 +141,16 @@ for step in "$@"; do
           grep -i "profile\|engine ready\|KV cache\|Error\|memory" /tmp/lv$cap/product.log | cut -c1-220 | head -24; cp /tmp/lv$cap/product.log "$OUT/lowvram_${cap}.log"; done ;;
     hf) log hf; for m in deepseek-ocr-2 deepseek-ocr; do PYTHONPATH=$PYTHONPATH:.gpu_carry/hf_bench/pkgs timeout -k 10 ${HFTO:-240} python3 tools/bench_hf.py --model $m --pages ${HFPAGES:-4} \
           --max-tokens ${HFTOK:-512} --hf-batch-size ${HFB:-4} --shared-models .gpu_carry/hf_bench/models --jsonl "$OUT/benchmarks.jsonl" 2>&1 | tail -4; done ;;
+    tf523) # Transformers 5.23 (DeepSeek-OCR v1 in the hf engine) beside the machine's 5.17, from .gpu_tf/ wheels
+          [ -d /tmp/tf523/transformers ] || { mkdir -p /tmp/tf523 && for w in .gpu_tf/*.whl; do python3 -m zipfile -e $w /tmp/tf523; done; }
+          PYTHONPATH=/tmp/tf523 python3 -c "import transformers as t; print('transformers', t.__version__, hasattr(t, 'UnlimitedOcrForConditionalGeneration'))" ;;
+    hfv1) log "hfv1: the hf engine's DeepSeek-OCR (v1) vs vLLM's own, same random checkpoint, fp32 greedy; then its s/page"
+          bash "$0" tf523; TFP=/tmp/tf523:$PWD:.gpu_carry/hf_bench/pkgs
+          PYTHONPATH=$TFP timeout 120 python3 tools/check_hf_ocr1.py build --work /tmp/ck1 2>&1 | tail -2
+          PYTHONPATH=/tmp/site:$PWD:.gpu_carry/hf_bench/pkgs VLLM_PLUGINS=none timeout ${CKTO:-240} python3 tools/check_hf_ocr1.py vllm --work /tmp/ck1 > /tmp/ck1/vllm.log 2>&1; tail -3 /tmp/ck1/vllm.log | cut -c1-400; cp /tmp/ck1/vllm.log "$OUT/hfv1_vllm.log"
+          PYTHONPATH=$TFP timeout 120 python3 tools/check_hf_ocr1.py hf --work /tmp/ck1 --jsonl "$OUT/benchmarks.jsonl" 2>&1 | tail -2 | cut -c1-1500
+          PYTHONPATH=$TFP timeout -k 10 ${HFTO:-200} python3 tools/bench_hf.py --model deepseek-ocr --pages ${HFPAGES:-4} \
+            --max-tokens ${HFTOK:-512} --hf-batch-size ${HFB:-4} --shared-models .gpu_carry/hf_bench/models --jsonl "$OUT/benchmarks.jsonl" 2>&1 | tail -3 | cut -c1-1500 ;;
     x2info) log x2info; nvidia-smi -L; nproc; free -g | head -2; df -h /dev/shm | tail -1
           bash tmp_pdf_runs/ray_deps_fallback.sh .stage_ray/fallback ;;
     x2one) x2 1 one ;;            # one GPU alone, PPG pages (~3-4 min)

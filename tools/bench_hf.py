@@ -12,7 +12,8 @@ read with a forced output length (``ignore_eos``) so numbers compare across runs
     python tools/bench_hf.py --tiny --pages 2 --max-tokens 16                       # CPU check
 
 Prints one JSON line per model (append with ``--jsonl tmp_pdf_runs/benchmarks.jsonl``).
-DeepSeek-OCR (v1) has no native Transformers implementation: its line carries ``error``.
+DeepSeek-OCR (v1) runs on Transformers' ``UnlimitedOcr`` classes (transformers>=5.23; with an
+older one its line carries ``error``).
 """
 
 from __future__ import annotations

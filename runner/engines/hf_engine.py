@@ -4,14 +4,24 @@ In: ``PageRequest`` batches (page image, prompt mode, temperature, resolution). 
 ``EngineOutput`` per request with the raw text (special tokens kept, EOS included when generated),
 finish reason, EOS flag, token counts and seconds.
 
-Runs Transformers' native DeepSeek-OCR-2 (``DeepseekOcr2ForConditionalGeneration``): bf16 + SDPA
-on CUDA, float32 on CPU, at most ``--hf-batch-size`` pages per ``generate`` call. Transformers has
-no native DeepSeek-OCR (v1); that model needs ``--engine vllm``. Checkpoints in upstream's format
-(``deepseek-ai/DeepSeek-OCR-2``, ``model_type: deepseek_vl_v2``) are loaded through the native
-class: ``native_ocr2_config`` translates their config and Transformers renames the weights.
+Runs Transformers' native classes: bf16 + SDPA on CUDA, float32 on CPU, at most
+``--hf-batch-size`` pages per ``generate`` call.
+
+- DeepSeek-OCR-2: ``DeepseekOcr2ForConditionalGeneration``.
+- DeepSeek-OCR (v1): ``UnlimitedOcrForConditionalGeneration`` (Transformers >= 5.23). Unlimited-OCR
+  is DeepSeek-OCR's architecture (SAM ViT-B, then CLIP-L fed SAM's features as patch embeddings,
+  a 2048 -> 1280 linear projector, a newline embedding after every row of the tile grid and of the
+  global view, the view separator, the same DeepSeek-V2 MoE language model) plus a sliding-window
+  attention option; with every layer set to ``full_attention`` it is DeepSeek-OCR. Its inputs come
+  from ``runner.vllm_plugin.preprocess`` (the same tensors vLLM's DeepSeek-OCR processor makes,
+  checked against it), not from Unlimited-OCR's image processor (up to 32 tiles, not 6).
+
+Checkpoints in upstream's format (``deepseek-ai/DeepSeek-OCR[-2]``, ``model_type:
+deepseek_vl_v2``) load through these classes: ``native_ocr2_config`` / ``native_ocr1_config``
+translate the config and Transformers renames the weights (``sam_model`` -> ``vision_tower``...).
 
 Steps per batch: (1) group requests by resolution and temperature (both are per ``generate``
-call), (2) image processor + prompt expansion, (3) ``generate`` with the windowed n-gram guard,
+call), (2) image preprocessing + prompt expansion, (3) ``generate`` with the windowed n-gram guard,
 (4) split each row at EOS and decode with special tokens kept.
 """
 
@@ -19,6 +29,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -39,6 +50,9 @@ SUPPORTED_VIEW_SIZES = (768, 1024)
 # Upstream's config.json names the encoder "qwen2-0-5b" and gives only its width; these are the
 # remaining Qwen2-0.5B sizes (a config may override them in the same block).
 QWEN2_0_5B = {"layers": 24, "heads": 14, "kv_heads": 2, "intermediate_size": 4864, "rope_theta": 1_000_000.0}
+# DeepSeek-OCR (v1): upstream's config.json names these blocks; vLLM builds exactly these sizes.
+SAM_VIT_B = {"width": 768, "layers": 12, "heads": 12, "global_attn_indexes": [2, 5, 8, 11]}
+CLIP_L_14_224 = {"width": 1024, "layers": 24, "heads": 16, "image_size": 224, "patch_size": 14}
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,6 +105,18 @@ def require_hf_dependencies() -> None:
         )
 
 
+def _require_ocr1_class() -> Any:
+    import transformers
+
+    cls = getattr(transformers, "UnlimitedOcrForConditionalGeneration", None)
+    if cls is None:
+        raise EngineUnavailable(
+            f"transformers {transformers.__version__} cannot run DeepSeek-OCR (v1): it needs "
+            f"UnlimitedOcrForConditionalGeneration (transformers>=5.23); upgrade with {INSTALL_HINT}"
+        )
+    return cls
+
+
 def native_ocr2_config(config: dict[str, Any]) -> dict[str, Any]:
     """``DeepseekOcr2Config`` keyword arguments for a DeepSeek-OCR-2 ``config.json``.
 
@@ -105,6 +131,92 @@ def native_ocr2_config(config: dict[str, Any]) -> dict[str, Any]:
     lang = config.get("language_config")
     if not isinstance(lang, dict):
         raise EngineUnavailable("config.json is neither a Transformers nor an upstream DeepSeek-OCR-2 config")
+    text = _native_text_config(lang)
+    width = (config.get("vision_config") or {}).get("width") or {}
+    sam_w = width.get("sam_vit_b") or {}
+    enc_w = {**QWEN2_0_5B, **(width.get("qwen2-0-5b") or {})}
+    enc_dim = int(enc_w.get("dim", 896))
+    channels = list(sam_w.get("downsample_channels") or [512, enc_dim])
+    channels[-1] = enc_dim  # upstream's config still says 1024 (OCR-1's CLIP); the encoder takes its width
+    sam = {"downsample_channels": channels, **_native_sam_sizes(sam_w)}
+    encoder = {
+        "hidden_size": enc_dim,
+        "num_hidden_layers": int(enc_w["layers"]),
+        "num_attention_heads": int(enc_w["heads"]),
+        "num_key_value_heads": int(enc_w["kv_heads"]),
+        "intermediate_size": int(enc_w["intermediate_size"]),
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(enc_w["rope_theta"])},
+        "vocab_size": 1,  # the encoder embeds image features, never token ids
+    }
+    return {"text_config": text, "vision_config": {"sam_config": sam, "encoder_config": encoder}}
+
+
+def native_ocr1_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``UnlimitedOcrConfig`` keyword arguments for a DeepSeek-OCR (v1) ``config.json``.
+
+    A Transformers-format config (``model_type: unlimited_ocr``) is returned unchanged; an upstream
+    one (``deepseek_vl_v2``, ``deeplip_b_l``) is translated: SAM and CLIP-L sizes from its
+    ``vision_config.width`` blocks (defaults: the published sizes), the language model as for
+    OCR-2, every decoder layer ``full_attention`` (DeepSeek-OCR attends to the whole sequence; the
+    sliding window, required by the config class, is then unused) and an untied ``lm_head``."""
+    if config.get("model_type") == "unlimited_ocr":
+        return {
+            k: v
+            for k, v in config.items()
+            if k not in ("architectures", "model_type", "transformers_version")
+        }
+    lang = config.get("language_config")
+    if not isinstance(lang, dict):
+        raise EngineUnavailable("config.json is neither a Transformers nor an upstream DeepSeek-OCR config")
+    text = _native_text_config(lang)
+    n_layers = int(lang["num_hidden_layers"])
+    text.update(
+        layer_types=["full_attention"] * n_layers,
+        sliding_window=int(lang.get("max_position_embeddings") or 8192),
+        tie_word_embeddings=False,
+    )
+    width = (config.get("vision_config") or {}).get("width") or {}
+    sam_w = {**SAM_VIT_B, **(width.get("sam_vit_b") or {})}
+    clip_w = {**CLIP_L_14_224, **(width.get("clip-l-14-224") or {})}
+    sam = {
+        "downsample_channels": list(sam_w.get("downsample_channels") or [512, 1024]),
+        **_native_sam_sizes(sam_w),
+    }
+    clip_dim = int(clip_w["width"])
+    encoder = {
+        "hidden_size": clip_dim,
+        "intermediate_size": int(clip_w.get("intermediate_size", 4 * clip_dim)),
+        "num_hidden_layers": int(clip_w["layers"]),
+        "num_attention_heads": int(clip_w["heads"]),
+        "image_size": int(clip_w["image_size"]),
+        "patch_size": int(clip_w["patch_size"]),
+        "layer_norm_eps": 1e-5,
+        "hidden_act": "quick_gelu",
+    }
+    return {
+        "text_config": text,
+        "vision_config": {"sam_config": sam, "encoder_config": encoder},
+        "tie_word_embeddings": False,
+    }
+
+
+def _native_sam_sizes(sam_w: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for src, dst in (
+        ("width", "hidden_size"),
+        ("layers", "num_hidden_layers"),
+        ("heads", "num_attention_heads"),
+        ("global_attn_indexes", "global_attn_indexes"),
+        ("output_channels", "output_channels"),
+    ):
+        if src in sam_w:
+            out[dst] = sam_w[src]
+    return out
+
+
+def _native_text_config(lang: dict[str, Any]) -> dict[str, Any]:
+    """The language model's Transformers config from upstream's ``language_config`` (the same
+    DeepSeek-V2 MoE in both models)."""
     n_dense = int(lang.get("first_k_dense_replace", 0))
     n_layers = int(lang["num_hidden_layers"])
     text = {
@@ -132,32 +244,7 @@ def native_ocr2_config(config: dict[str, Any]) -> dict[str, Any]:
         if lang.get(k) is not None
     }
     text["mlp_layer_types"] = ["dense" if i < n_dense else "sparse" for i in range(n_layers)]
-    width = (config.get("vision_config") or {}).get("width") or {}
-    sam_w = width.get("sam_vit_b") or {}
-    enc_w = {**QWEN2_0_5B, **(width.get("qwen2-0-5b") or {})}
-    enc_dim = int(enc_w.get("dim", 896))
-    channels = list(sam_w.get("downsample_channels") or [512, enc_dim])
-    channels[-1] = enc_dim  # upstream's config still says 1024 (OCR-1's CLIP); the encoder takes its width
-    sam = {"downsample_channels": channels}
-    for src, dst in (
-        ("width", "hidden_size"),
-        ("layers", "num_hidden_layers"),
-        ("heads", "num_attention_heads"),
-        ("global_attn_indexes", "global_attn_indexes"),
-        ("output_channels", "output_channels"),
-    ):
-        if src in sam_w:
-            sam[dst] = sam_w[src]
-    encoder = {
-        "hidden_size": enc_dim,
-        "num_hidden_layers": int(enc_w["layers"]),
-        "num_attention_heads": int(enc_w["heads"]),
-        "num_key_value_heads": int(enc_w["kv_heads"]),
-        "intermediate_size": int(enc_w["intermediate_size"]),
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(enc_w["rope_theta"])},
-        "vocab_size": 1,  # the encoder embeds image features, never token ids
-    }
-    return {"text_config": text, "vision_config": {"sam_config": sam, "encoder_config": encoder}}
+    return text
 
 
 def view_kwargs(res: Resolution) -> dict[str, Any]:
@@ -211,7 +298,7 @@ class LoadedModel:
 
     model: Any
     tokenizer: Any
-    processor: Any
+    processor: Any  # DeepSeek-OCR-2's Transformers processor; None for DeepSeek-OCR
     adapter: ModelAdapter
     special: SpecialTokenIds
     device: str
@@ -227,31 +314,52 @@ def load_model(ec: EngineConfig) -> LoadedModel:
     from runner.model_files import resolve_model
 
     files = resolve_model(ec.model, ec.cache_dir)
-    if files.adapter.key != DEEPSEEK_OCR_2.key:
-        raise EngineUnavailable(
-            f"{ec.model} is {files.adapter.key}; Transformers has no native implementation of it. "
-            "Use --engine vllm for DeepSeek-OCR, or --model deepseek-ai/DeepSeek-OCR-2 with --engine hf."
-        )
+    if files.adapter.key == DEEPSEEK_OCR_2.key:
+        cls: Any = DeepseekOcr2ForConditionalGeneration
+        config: Any = DeepseekOcr2Config(**native_ocr2_config(files.config))
+    else:
+        from transformers import UnlimitedOcrConfig
+
+        cls = _require_ocr1_class()
+        config = UnlimitedOcrConfig(**native_ocr1_config(files.config))
     device = pick_device(ec.device)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     tokenizer = load_tokenizer(files.path)
     special = files.adapter.resolve_special_tokens(tokenizer)
-    config = DeepseekOcr2Config(**native_ocr2_config(files.config))
     config.image_token_id = special.image
     torch.manual_seed(ec.seed)
     model: Any
     if ec.load_format == "dummy":
         with torch.device(device):
-            model = DeepseekOcr2ForConditionalGeneration._from_config(
-                config, dtype=dtype, attn_implementation="sdpa"
-            )
+            model = cls._from_config(config, dtype=dtype, attn_implementation="sdpa")
     else:
-        model = DeepseekOcr2ForConditionalGeneration.from_pretrained(
-            files.path, config=config, dtype=dtype, attn_implementation="sdpa"
+        model, info = cls.from_pretrained(
+            files.path, config=config, dtype=dtype, attn_implementation="sdpa", output_loading_info=True
         )
+        _check_loading_info(info, files.path)
         model = model.to(device)
     model.eval()
     return attach_model(model, tokenizer, files.adapter, device=device, dtype=dtype, special=special)
+
+
+# Checkpoint entries a model may lack or ignore without changing its output.
+_IGNORABLE = re.compile(r"(^|\.)(patch_embedding\.weight|position_ids|rotary_emb\.inv_freq)$")
+
+
+def _check_loading_info(info: dict[str, Any], path: str) -> None:
+    """Refuse a checkpoint whose weights did not all land: a missing tensor would silently stay
+    random (what ``from_pretrained`` only warns about). Upstream's CLIP ``patch_embedding`` is
+    unused (SAM's features replace it) and may be in the file or not."""
+    missing = sorted(k for k in info.get("missing_keys", ()) if not _IGNORABLE.search(k))
+    unexpected = sorted(k for k in info.get("unexpected_keys", ()) if not _IGNORABLE.search(k))
+    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", ()))
+    if missing or unexpected or mismatched:
+        parts = [
+            f"{what}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''} ({len(keys)})"
+            for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
+            if keys
+        ]
+        raise EngineUnavailable(f"{path}: the checkpoint does not match the model; " + "; ".join(parts))
 
 
 def attach_model(
@@ -278,7 +386,11 @@ def attach_model(
     adds_bos = bos is not None and tokenizer("x").input_ids[:1] == [bos]
     # The PIL backend: PyPI torchvision does not import next to every torch build, and the
     # image work is small next to generation.
-    processor = DeepseekOcr2Processor(image_processor=DeepseekOcr2ImageProcessorPil(), tokenizer=tokenizer)
+    processor = (
+        DeepseekOcr2Processor(image_processor=DeepseekOcr2ImageProcessorPil(), tokenizer=tokenizer)
+        if adapter.key == DEEPSEEK_OCR_2.key
+        else None  # DeepSeek-OCR: runner.vllm_plugin.preprocess (see _ocr1_inputs)
+    )
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -322,7 +434,9 @@ class HfEngine(BatchEngine):
                 time.perf_counter() - t0,
             )
         try:  # fail before the first page on a mode this model or processor cannot run
-            view_kwargs(self.loaded.adapter.resolution(self.engine_config.resolution))
+            res = self.loaded.adapter.resolution(self.engine_config.resolution)
+            if self.loaded.processor is not None:
+                view_kwargs(res)
         except ValueError as e:
             raise EngineUnavailable(f"--resolution: {e}") from e
 
@@ -394,13 +508,13 @@ class HfEngine(BatchEngine):
         # (2) images and prompts; the processor expands <image> to the view's token count.
         images = [_page_image(r) for r in reqs]
         prompts = [lm.prompt_prefix + lm.adapter.prompt(r.prompt_mode) for r in reqs]
-        inputs = lm.processor(
-            images=images,
-            text=prompts,
-            padding=True,
-            return_tensors="pt",
-            **view_kwargs(lm.adapter.resolution(resolution)),
-        )
+        res = lm.adapter.resolution(resolution)
+        if lm.processor is None:
+            inputs = _ocr1_inputs(lm, images, prompts, res)
+        else:
+            inputs = lm.processor(
+                images=images, text=prompts, padding=True, return_tensors="pt", **view_kwargs(res)
+            )
         inputs = {k: v.to(lm.device) if hasattr(v, "to") else v for k, v in inputs.items()}
         for key in ("pixel_values", "pixel_values_local"):
             if key in inputs:
@@ -444,6 +558,44 @@ class HfEngine(BatchEngine):
                 )
             )
         return results
+
+
+def _ocr1_inputs(lm: LoadedModel, images: list[Any], prompts: list[str], res: Resolution) -> dict[str, Any]:
+    """DeepSeek-OCR model inputs, left-padded: the views and tile grids of ``prepare_image`` (the
+    tensors vLLM's processor makes, as bfloat16 values) and each prompt's ``<image>`` token
+    expanded to the page's image-token count (upstream's ``tokenize_with_images``)."""
+    import torch
+
+    from runner.vllm_plugin.preprocess import ViewSpec, prepare_image
+
+    spec = ViewSpec(res.base_size, res.image_size, res.crop_mode, "v1")
+    prepared = [prepare_image(im, spec) for im in images]
+    rows: list[list[int]] = []
+    for text, page in zip(prompts, prepared):
+        ids = list(lm.tokenizer(text, add_special_tokens=False).input_ids)
+        if ids.count(lm.special.image) != 1:
+            raise ValueError(f"prompt {text!r} must hold exactly one <image> token")
+        at = ids.index(lm.special.image)
+        rows.append(ids[:at] + [lm.special.image] * page.num_image_tokens + ids[at + 1 :])
+    width = max(len(r) for r in rows)
+    pad = lm.tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+
+    def bf16(a: Any) -> Any:  # bfloat16 bit patterns (numpy uint16) -> tensor
+        return torch.from_numpy(a.copy()).view(torch.bfloat16)
+
+    out: dict[str, Any] = {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "pixel_values": torch.stack([bf16(p.global_view) for p in prepared]),
+    }
+    counts = [int(p.crops.shape[0]) for p in prepared]
+    if any(counts):
+        out["pixel_values_local"] = torch.cat([bf16(p.crops) for p in prepared if p.crops.shape[0]])
+        out["num_local_patches"] = counts
+        out["patches_grid"] = [list(p.tiles) for p in prepared]
+    return out
 
 
 def _cut_at_eos(tokens: list[int], eos: int) -> tuple[list[int], bool]:
