@@ -123,6 +123,9 @@ def test_cli_argv_single_unchanged_and_multi_windows() -> None:
     assert g[-2:] == ["--profile", "auto"]
     r = bench.cli_argv(a, "/p", Path("/o"), Path("/l"), executor="ray", engines=2, render_workers=28)
     assert r[r.index("--executor") + 1] == "ray" and r[r.index("--ray-engine-actors") + 1] == "2"
+    # no share given: the product picks its own (for --engines-per-gpu, each engine's measured share)
+    own = bench.cli_argv(_args(gpu_memory_utilization=None), "/p", Path("/o"), Path("/l"))
+    assert "--gpu-memory-utilization" not in own
     assert r[r.index("--ray-render-tasks") + 1] == "28"
     # Ray's one window holds what the two workers' windows hold together
     assert int(r[r.index("--batch-pages") + 1]) == 2 * (512 + 4 * 14)

@@ -127,6 +127,12 @@ for step in "$@"; do
           timeout -k 10 ${PCTO:-280} python3 tools/bench.py --model-dir $M/deepseek-ocr --pages ${PAGES:-768} --max-num-seqs ${SEQS:-512} --baseline off \
             --product cli --product-timeout ${PCTOP:-270} --work-dir /tmp/pc_$pc --jsonl "$OUT/benchmarks.jsonl" --tag prefix-caching-$pc \
             --cli-extra --vllm-arg enable_prefix_caching=$pc 2>&1 | tail -1 | cut -c1-900; done ;;
+    encgraph) # vLLM 0.26's own encoder CUDA graphs for DeepSeek-OCR (compilation_config.cudagraph_mm_encoder,
+          # its batched global/local paths) vs our batched encoder; one engine, same pages (issue 7)
+          for v in "1 {}" "0 {\"cudagraph_mm_encoder\":true}"; do set -- $v; log "encgraph RUNNER_BATCHED_ENCODER=$1 compilation_config=$2"
+          RUNNER_BATCHED_ENCODER=$1 timeout -k 10 ${EGTO:-280} python3 tools/bench.py --model-dir $M/deepseek-ocr --pages ${PAGES:-512} --max-num-seqs ${SEQS:-512} \
+            --baseline off --product cli --product-timeout ${EGTOP:-270} --work-dir /tmp/eg$1 --jsonl "$OUT/benchmarks.jsonl" --tag encoder-graph-$1 \
+            --cli-extra --vllm-arg "compilation_config=$2" 2>&1 | tail -1 | cut -c1-900; grep -h "cudagraph\|CUDA graph\|batched vision encoder" /tmp/eg$1/product.log | cut -c1-200 | head -4; done ;;
     encab) for e in 0 1; do log "encab RUNNER_BATCHED_ENCODER=$e"   # batched vision encoder A/B (two engines, same pages)
           RUNNER_BATCHED_ENCODER=$e timeout -k 10 ${EABTO:-280} python3 tools/bench.py --model-dir $M/${EMODEL:-deepseek-ocr} --pages ${PAGES:-512} --max-num-seqs ${SEQS:-512} \
             --baseline off --product engine --work-dir /tmp/benc$e --jsonl "$OUT/benchmarks.jsonl" --tag encoder-batched-$e 2>&1 | tail -1 | cut -c1-400; done ;;

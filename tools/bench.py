@@ -290,7 +290,7 @@ def child_baseline(a: argparse.Namespace) -> None:
         max_model_len=8192,
         limit_mm_per_prompt={"image": 1},
         logits_processors=[NGramPerReqLogitsProcessor],
-        gpu_memory_utilization=a.gpu_memory_utilization,
+        gpu_memory_utilization=a.gpu_memory_utilization or 0.9,
         seed=0,
         trust_remote_code=False,
         disable_log_stats=True,
@@ -371,7 +371,7 @@ def child_engine(a: argparse.Namespace) -> None:
         kv_cache_dtype=a.kv_cache_dtype,
         max_num_seqs=a.max_num_seqs,
         guard=True,
-        gpu_memory_utilization=a.gpu_memory_utilization,
+        gpu_memory_utilization=a.gpu_memory_utilization or 0.9,
     )
     cfg = RunConfig(
         inputs=tuple(pdfs), input_root=a.pdf_dir, output_dir=a.out_dir, engine="vllm", engine_config=ec
@@ -612,8 +612,9 @@ def cli_argv(
         str(a.max_num_seqs),
         "--dpi",
         str(a.dpi),
-        "--gpu-memory-utilization",
-        str(a.gpu_memory_utilization),
+        # only when given: otherwise the product's own default, which for --engines-per-gpu K is
+        # each engine's measured share (profiles.shared_gpu_utilization), not 0.9 / K
+        *(["--gpu-memory-utilization", str(a.gpu_memory_utilization)] if a.gpu_memory_utilization else []),
         "--progress",
         "log",
         "--force",
@@ -1041,7 +1042,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=1000)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--kv-cache-dtype", default="fp8")
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="vLLM's share (baseline and engine mode: default 0.9; the CLI product: its own default)",
+    )
     ap.add_argument("--render-workers", type=int, default=max(2, (os.cpu_count() or 4) - 4))
     ap.add_argument("--product", choices=("cli", "engine", "none"), default="cli")
     ap.add_argument("--baseline", choices=("on", "off"), default="on")
@@ -1146,7 +1152,7 @@ def main(argv: list[str] | None = None) -> int:
         "--kv-cache-dtype",
         a.kv_cache_dtype,
         "--gpu-memory-utilization",
-        str(a.gpu_memory_utilization),
+        str(a.gpu_memory_utilization or 0.9),
         "--render-workers",
         str(a.render_workers),
         "--stall-s",
