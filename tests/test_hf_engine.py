@@ -19,8 +19,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import torch
-from conftest_hf import tiny_ocr2_model, tiny_ocr2_upstream_model  # noqa: F401
-from PIL import Image, ImageDraw
+from conftest_hf import page_image, run_engine, tiny_ocr2_model, tiny_ocr2_upstream_model  # noqa: F401
 from tiny_model import EXPECTED_IDS, tiny_ocr2_config, upstream_style_config
 
 from runner.adapters import DEEPSEEK_OCR_2, EOS_TOKEN, Resolution
@@ -41,23 +40,7 @@ GLOBAL_VIEW_TOKENS = 16 * 16 + 1  # 16x16 queries + the view separator
 
 
 def _page(i: int, size: tuple[int, int] = SMALL) -> PageImage:
-    im = Image.new("RGB", size, "white")
-    ImageDraw.Draw(im).text((40, 40 + 10 * i), f"Heading {i}\nbody text", fill="black")
-    return PageImage(
-        doc_key="doc",
-        page_index=i,
-        width=size[0],
-        height=size[1],
-        mode="RGB",
-        pixels=im.tobytes(),
-        dpi=50.0,
-        page_width_pt=595.0,
-        page_height_pt=842.0,
-        render_seconds=0.0,
-        blank=False,
-        blank_reason="",
-        text_layer="",
-    )
+    return page_image(i, size)  # type: ignore[no-any-return]
 
 
 def _req(i: int, **kw: Any) -> PageRequest:
@@ -66,11 +49,7 @@ def _req(i: int, **kw: Any) -> PageRequest:
 
 
 def _run(engine: HfEngine, reqs: list[PageRequest]) -> list[EngineOutput]:
-    engine.submit(reqs)
-    outs: list[EngineOutput] = []
-    while engine.pending():
-        outs.extend(engine.poll())
-    return outs
+    return run_engine(engine, reqs)  # type: ignore[no-any-return]
 
 
 def _engine(model: Path, **kw: Any) -> HfEngine:

@@ -18,8 +18,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers", minversion="5.23")
 
 import torch
-from conftest_hf import tiny_ocr1_model  # noqa: F401
-from PIL import Image, ImageDraw
+from conftest_hf import page_image, run_engine, tiny_ocr1_model  # noqa: F401
 from safetensors.torch import load_file, save_file
 from tiny_model import EXPECTED_IDS, upstream_ocr1_config
 
@@ -27,43 +26,19 @@ from runner.adapters import DEEPSEEK_OCR
 from runner.config import EngineConfig
 from runner.engines.base import EngineUnavailable
 from runner.engines.hf_engine import HfEngine, native_ocr1_config
-from runner.records import EngineOutput, PageImage, PageRequest
+from runner.records import EngineOutput, PageRequest
 from runner.vllm_plugin.preprocess import ViewSpec, num_image_tokens, tile_grid
 
 SHARED_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "models" / "deepseek-ocr" / "config.json"
 
 
-def _page(i: int, size: tuple[int, int]) -> PageImage:
-    im = Image.new("RGB", size, "white")
-    ImageDraw.Draw(im).text((40, 40 + 10 * i), f"Heading {i}\nbody text", fill="black")
-    return PageImage(
-        doc_key="doc",
-        page_index=i,
-        width=size[0],
-        height=size[1],
-        mode="RGB",
-        pixels=im.tobytes(),
-        dpi=50.0,
-        page_width_pt=595.0,
-        page_height_pt=842.0,
-        render_seconds=0.0,
-        blank=False,
-        blank_reason="",
-        text_layer="",
-    )
-
-
 def _req(i: int, size: tuple[int, int], **kw: Any) -> PageRequest:
     kw.setdefault("prompt_mode", "clean")
-    return PageRequest(request_id=f"r{i}", image=_page(i, size), **kw)
+    return PageRequest(request_id=f"r{i}", image=page_image(i, size), **kw)
 
 
 def _run(engine: HfEngine, reqs: list[PageRequest]) -> list[EngineOutput]:
-    engine.submit(reqs)
-    outs: list[EngineOutput] = []
-    while engine.pending():
-        outs.extend(engine.poll())
-    return outs
+    return run_engine(engine, reqs)  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="module")

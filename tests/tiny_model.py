@@ -55,6 +55,18 @@ EXPECTED_IDS = {
     "<|Assistant|>": 128826,
 }
 VOCAB_SIZE = 129280
+#: The tiny language model both tiny checkpoints share (the real one is the same in both models).
+TINY_TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "moe_intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 1,
+}
 SEED = 1234
 
 _TOKENIZER_CONFIG = {
@@ -106,15 +118,7 @@ def tiny_ocr2_config() -> Any:
     return DeepseekOcr2Config(
         text_config={
             "vocab_size": VOCAB_SIZE,
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "moe_intermediate_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 4,
-            "n_routed_experts": 4,
-            "num_experts_per_tok": 2,
-            "n_shared_experts": 1,
+            **TINY_TEXT,
             "mlp_layer_types": ["dense", "sparse"],
             "max_position_embeddings": 8192,
             "bos_token_id": EXPECTED_IDS["<｜begin▁of▁sentence｜>"],
@@ -245,17 +249,7 @@ def cached_tiny_ocr2(root: Path, *, upstream_format: bool = False) -> Path:
 
 #: Tiny sizes (``build_tiny_ocr1``); ``full_vision=True`` keeps upstream's SAM ViT-B and CLIP-L,
 #: which vLLM builds at fixed sizes, for a checkpoint vLLM itself can load (GPU check).
-TINY_OCR1_TEXT = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "moe_intermediate_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-    "n_routed_experts": 4,
-    "num_experts_per_tok": 2,
-    "n_shared_experts": 1,
-}
+TINY_OCR1_TEXT = TINY_TEXT
 TINY_OCR1_SAM = {
     "width": 32,
     "layers": 2,

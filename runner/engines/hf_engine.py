@@ -123,14 +123,8 @@ def native_ocr2_config(config: dict[str, Any]) -> dict[str, Any]:
     A Transformers-format config (``model_type: deepseek_ocr2``) is returned unchanged; an
     upstream one (``deepseek_vl_v2`` with ``language_config``) is translated."""
     if config.get("model_type") == "deepseek_ocr2":
-        return {
-            k: v
-            for k, v in config.items()
-            if k not in ("architectures", "model_type", "transformers_version")
-        }
-    lang = config.get("language_config")
-    if not isinstance(lang, dict):
-        raise EngineUnavailable("config.json is neither a Transformers nor an upstream DeepSeek-OCR-2 config")
+        return _as_is(config)
+    lang = _language_config(config, "DeepSeek-OCR-2")
     text = _native_text_config(lang)
     width = (config.get("vision_config") or {}).get("width") or {}
     sam_w = width.get("sam_vit_b") or {}
@@ -160,14 +154,8 @@ def native_ocr1_config(config: dict[str, Any]) -> dict[str, Any]:
     OCR-2, every decoder layer ``full_attention`` (DeepSeek-OCR attends to the whole sequence; the
     sliding window, required by the config class, is then unused) and an untied ``lm_head``."""
     if config.get("model_type") == "unlimited_ocr":
-        return {
-            k: v
-            for k, v in config.items()
-            if k not in ("architectures", "model_type", "transformers_version")
-        }
-    lang = config.get("language_config")
-    if not isinstance(lang, dict):
-        raise EngineUnavailable("config.json is neither a Transformers nor an upstream DeepSeek-OCR config")
+        return _as_is(config)
+    lang = _language_config(config, "DeepSeek-OCR")
     text = _native_text_config(lang)
     n_layers = int(lang["num_hidden_layers"])
     text.update(
@@ -198,6 +186,19 @@ def native_ocr1_config(config: dict[str, Any]) -> dict[str, Any]:
         "vision_config": {"sam_config": sam, "encoder_config": encoder},
         "tie_word_embeddings": False,
     }
+
+
+def _as_is(config: dict[str, Any]) -> dict[str, Any]:
+    """A Transformers-format config's keyword arguments."""
+    skip = ("architectures", "model_type", "transformers_version")
+    return {k: v for k, v in config.items() if k not in skip}
+
+
+def _language_config(config: dict[str, Any], model: str) -> dict[str, Any]:
+    lang = config.get("language_config")
+    if not isinstance(lang, dict):
+        raise EngineUnavailable(f"config.json is neither a Transformers nor an upstream {model} config")
+    return lang
 
 
 def _native_sam_sizes(sam_w: dict[str, Any]) -> dict[str, Any]:
