@@ -68,3 +68,17 @@ def test_memory_peaks_are_split_into_start_up_and_run() -> None:
     assert out["gpu_mem_peak_gib_per_process"] == {"7 engine": 5.7}
     assert out["gpu_mem_peak_gib_per_process_run"] == {"7 engine": 4.6}
     assert out["gpu_busy_fraction"] == 0.85
+
+
+def test_busy_timeline_shows_ramps_the_mean_hides() -> None:
+    m = bench.Monitor()
+    t0 = 1000.0
+    # 0-5 s idle (ramp), 5-10 s busy, 10-15 s no GPU sample, 15-20 s half busy; one sample before t0
+    m.samples = [(t0 - 1, [100.0], [1.0], 0.0)]
+    m.samples += [(t0 + t, [0.0], [1.0], 0.0) for t in (0.5, 2.5, 4.5)]
+    m.samples += [(t0 + t, [100.0, 100.0], [1.0, 1.0], 0.0) for t in (5.5, 9.5)]
+    m.samples += [(t0 + 12.0, [], [], 0.0)]
+    m.samples += [(t0 + 16.0, [50.0], [1.0], 0.0)]
+    out = m.summary(t0, t0 + 20)
+    assert out["gpu_busy_timeline"] == {"bucket_s": 5, "busy": [0.0, 1.0, None, 0.5]}
+    assert out["gpu_busy_fraction"] == round((0 + 0 + 0 + 100 + 100 + 50) / 6 / 100, 3)

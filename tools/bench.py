@@ -156,6 +156,9 @@ def _make_pdf(path: str, k: int, n: int) -> None:
 
 
 # -- monitoring ----------------------------------------------------------------------------------
+TIMELINE_S = 5  # seconds per bucket of the busy timeline
+
+
 class Monitor:
     """Samples GPU utilisation/memory (NVML) and host CPU (psutil) in a thread.
 
@@ -256,6 +259,20 @@ class Monitor:
                 if t0 <= t <= t1:
                     run_peaks[key] = max(run_peaks.get(key, 0.0), gib)
             out["gpu_mem_peak_gib_per_process_run"] = run_peaks
+        # Busy fraction per TIMELINE_S of the run: a run of few waves (every page forced to the
+        # same length) has ramps and tails that the mean hides (GPU session 8).
+        if utils:
+            buckets: dict[int, list[float]] = {}
+            for x in s:
+                if x[1]:
+                    buckets.setdefault(int((x[0] - t0) // TIMELINE_S), []).append(sum(x[1]) / len(x[1]))
+            out["gpu_busy_timeline"] = {
+                "bucket_s": TIMELINE_S,
+                "busy": [
+                    round(sum(buckets[i]) / len(buckets[i]) / 100, 2) if i in buckets else None
+                    for i in range(max(buckets) + 1)
+                ],
+            }
         ndev = max((len(x[1]) for x in self.samples), default=0)
         if ndev > 1:
             per = [x[1] for x in s if len(x[1]) == ndev]
