@@ -12,7 +12,9 @@ chunks of ``RUNNER_ENCODER_BATCH`` images, default 32, to bound activation memor
 syncs for the whole step, both before the encoder is queued. A step never encodes more pages at
 once than vLLM's memory-profiling call did (its first call), so the activation peak stays inside
 the budget vLLM measured (GPU session 3: a low-VRAM step held 7 Base pages against 2 profiled, and
-the device peaked ~2.4 GiB over the budget). The per-page assembly (tile grid,
+the device peaked ~2.4 GiB over the budget), and no encoder call holds more pixels than the
+profiling step's largest (``_views_cap``; GPU session 8: 23 Large pages in one call ran out of
+memory). The per-page assembly (tile grid,
 newline column, view separator) is upstream's. Same math per image; only the batching differs
 (so bf16 results may differ from the per-page loop in the last bits, as between any two batch
 sizes). ``RUNNER_BATCHED_ENCODER=0`` keeps upstream's loop.
