@@ -199,21 +199,14 @@ class _BatchedEncoderMixin:
     def _views_cap(self, x: torch.Tensor) -> int:
         """Views of this size per ``_encode_views`` call: at most ``RUNNER_ENCODER_BATCH``, and no
         more pixels than the largest call of the profiling step encoded (its activation peak is
-        what vLLM budgeted). Views larger than the profiled ones get proportionally fewer pixels,
-        as their attention costs more per pixel. GPU session 8 (H100): the warm-up's 1280² Large
-        pages, 23 per call (the page cap) = 1.6× the profiled pixels, took +6.6 GiB against +3.3
-        profiled and ran the engine out of memory."""
-        b = _max_batch()
-        budget = getattr(self, "_runner_pixel_budget", None)
+        what vLLM budgeted; ``_pages_cap`` records it). Views larger than the profiled ones get
+        proportionally fewer pixels, as their attention costs more per pixel. GPU session 8
+        (H100): the warm-up's 1280² Large pages, 23 per call (the page cap) = 1.6× the profiled
+        pixels, took +6.6 GiB against +3.3 profiled and ran the engine out of memory."""
+        total, profiled_side = self._runner_pixel_budget
         side = max(int(x.shape[-2]), int(x.shape[-1]))
         pixels = int(x.shape[-2]) * int(x.shape[-1])
-        if budget is None:  # the profiling call: it sets the budget
-            seen_total, seen_side = getattr(self, "_runner_profiled", (0, 0))
-            self._runner_profiled = (max(seen_total, min(b, x.shape[0]) * pixels), max(seen_side, side))
-            return b
-        total, profiled_side = budget
-        scale = min(1.0, profiled_side / side)
-        return max(1, min(b, int(total * scale) // pixels))
+        return max(1, min(_max_batch(), int(total * min(1.0, profiled_side / side)) // pixels))
 
     def _pixel_values_to_embedding(
         self,
@@ -228,11 +221,11 @@ class _BatchedEncoderMixin:
         n = images_spatial_crop.size(0)
         if n == 0:
             return []
-        cap = self._pages_cap(n)
         # The tile grids on the host once: upstream reads them with .item() per page, a host sync
         # each time, and its grid assembly (_finish_local) does so on what it is given.
         spatial = images_spatial_crop.cpu()
         counts = crops_per_image(spatial).tolist()
+        cap = self._pages_cap(pixel_values, images_crop, counts)
         out: list[torch.Tensor] = []
         first_crop = 0
         for a in range(0, n, cap):
@@ -242,34 +235,37 @@ class _BatchedEncoderMixin:
                 pixel_values[a:b], images_crop[first_crop : first_crop + k], spatial[a:b], counts[a:b]
             )
             first_crop += k
-        if getattr(self, "_runner_pixel_budget", None) is None:
-            total, side = getattr(self, "_runner_profiled", (0, 0))
-            self._runner_pixel_budget = (total, side) if total else None
-            if total:
-                log.info(
-                    "batched vision encoder: at most %.1f Mpixel of views per encoder call "
-                    "(the profiling call's largest; views over %d px get proportionally fewer)",
-                    total / 1e6,
-                    side,
-                )
         return out
 
-    def _pages_cap(self, n: int) -> int:
+    def _pages_cap(self, pixel_values: torch.Tensor, images_crop: torch.Tensor, counts: list[int]) -> int:
         """Pages per encoder call. The first call is vLLM's memory profiling run ("profiled with K
         image items of the maximum feature size"): its K pages at once are what the activation
         budget covers. Later steps can hold more, smaller pages (low-VRAM: Base pages of 273
-        tokens, 7 in a 2k-token step, against 2 profiled): they are encoded K pages at a time."""
+        tokens, 7 in a 2k-token step, against 2 profiled): they are encoded K pages at a time.
+        The first call also sets ``_views_cap``'s budget: the pixels of its largest
+        ``_encode_views`` call (its K global views, or its crops, ``RUNNER_ENCODER_BATCH`` at a
+        time) and its largest view side."""
         cap = getattr(self, "_runner_pages_cap", None)
         if cap is None:
+            n, k, b = len(counts), sum(counts), _max_batch()
             cap = self._runner_pages_cap = max(1, n)
+            total = min(b, n) * int(pixel_values.shape[-2]) * int(pixel_values.shape[-1])
+            side = max(int(pixel_values.shape[-2]), int(pixel_values.shape[-1]))
+            if k:
+                total = max(total, min(b, k) * int(images_crop.shape[-2]) * int(images_crop.shape[-1]))
+                side = max(side, int(images_crop.shape[-2]), int(images_crop.shape[-1]))
+            self._runner_pixel_budget = (total, side)
             global _announced
             if not _announced:  # proof, in the engine core's log, that this code is the one running
                 _announced = True
                 log.info(
                     "batched vision encoder active (%s): %d page(s) in the first (profiling) call; "
-                    "at most that many pages per encoder call",
+                    "at most that many pages, and %.1f Mpixel of views (views over %d px: "
+                    "proportionally fewer), per encoder call",
                     type(self).__name__,
                     n,
+                    total / 1e6,
+                    side,
                 )
         return int(cap)
 
