@@ -97,8 +97,7 @@ def run_hf(work: Path, pages: int, tokens: int, jsonl: Path | None, device: str 
     ref = json.loads((work / "vllm.json").read_text())
     lm = load_model(EngineConfig(model=str(work / "model"), device=device))
     lm = dataclasses.replace(lm, model=lm.model.float(), dtype=torch.float32)
-    res = lm.adapter.resolution(None)
-    inputs = _ocr1_inputs(lm, _images(pages), [BOS + PROMPT] * pages, res)
+    inputs = _ocr1_inputs(lm, _images(pages), [BOS + PROMPT] * pages, None)
     inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in inputs.items()}
     for key in ("pixel_values", "pixel_values_local"):
         if key in inputs:

@@ -509,10 +509,10 @@ class HfEngine(BatchEngine):
         # (2) images and prompts; the processor expands <image> to the view's token count.
         images = [_page_image(r) for r in reqs]
         prompts = [lm.prompt_prefix + lm.adapter.prompt(r.prompt_mode) for r in reqs]
-        res = lm.adapter.resolution(resolution)
         if lm.processor is None:
-            inputs = _ocr1_inputs(lm, images, prompts, res)
+            inputs = _ocr1_inputs(lm, images, prompts, resolution)
         else:
+            res = lm.adapter.resolution(resolution)
             inputs = lm.processor(
                 images=images, text=prompts, padding=True, return_tensors="pt", **view_kwargs(res)
             )
@@ -561,16 +561,17 @@ class HfEngine(BatchEngine):
         return results
 
 
-def _ocr1_inputs(lm: LoadedModel, images: list[Any], prompts: list[str], res: Resolution) -> dict[str, Any]:
+def _ocr1_inputs(
+    lm: LoadedModel, images: list[Any], prompts: list[str], resolution: str | None
+) -> dict[str, Any]:
     """DeepSeek-OCR model inputs, left-padded: the views and tile grids of ``prepare_image`` (the
     tensors vLLM's processor makes, as bfloat16 values) and each prompt's ``<image>`` token
     expanded to the page's image-token count (upstream's ``tokenize_with_images``)."""
     import torch
 
-    from runner.vllm_plugin.preprocess import ViewSpec, prepare_image
+    from runner.vllm_plugin.preprocess import as_bf16_tensor, prepare_image, view_spec
 
-    spec = ViewSpec(res.base_size, res.image_size, res.crop_mode, "v1")
-    prepared = [prepare_image(im, spec) for im in images]
+    prepared = [prepare_image(im, view_spec(lm.adapter, resolution)) for im in images]
     rows: list[list[int]] = []
     for text, page in zip(prompts, prepared):
         ids = list(lm.tokenizer(text, add_special_tokens=False).input_ids)
@@ -583,17 +584,14 @@ def _ocr1_inputs(lm: LoadedModel, images: list[Any], prompts: list[str], res: Re
     input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
 
-    def bf16(a: Any) -> Any:  # bfloat16 bit patterns (numpy uint16) -> tensor
-        return torch.from_numpy(a.copy()).view(torch.bfloat16)
-
     out: dict[str, Any] = {
         "input_ids": input_ids,
         "attention_mask": mask,
-        "pixel_values": torch.stack([bf16(p.global_view) for p in prepared]),
+        "pixel_values": torch.stack([as_bf16_tensor(p.global_view) for p in prepared]),
     }
     counts = [int(p.crops.shape[0]) for p in prepared]
     if any(counts):
-        out["pixel_values_local"] = torch.cat([bf16(p.crops) for p in prepared if p.crops.shape[0]])
+        out["pixel_values_local"] = torch.cat([as_bf16_tensor(p.crops) for p in prepared if p.crops.shape[0]])
         out["num_local_patches"] = counts
         out["patches_grid"] = [list(p.tiles) for p in prepared]
     return out

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from runner.adapters import EOS_TOKEN, ModelAdapter, adapter_for_config
 from runner.engines.base import EngineDied, EngineUnavailable
 from runner.records import EngineOutput, PageRequest
+from runner.vllm_plugin.preprocess import view_spec
 
 if TYPE_CHECKING:
     from runner.config import EngineConfig, RunConfig
@@ -141,13 +142,6 @@ def adapter_for_model(model: str) -> ModelAdapter:
         if a.default_model.lower() == model.lower():
             return a
     return ADAPTERS["deepseek-ocr-2"] if "ocr-2" in model.lower() else ADAPTERS["deepseek-ocr"]
-
-
-def view_spec(adapter: ModelAdapter, resolution: str | None) -> Any:
-    from runner.vllm_plugin.preprocess import ViewSpec
-
-    r = adapter.resolution(resolution)
-    return ViewSpec(r.base_size, r.image_size, r.crop_mode, "v2" if adapter.key == "deepseek-ocr-2" else "v1")
 
 
 def engine_kwargs(ec: EngineConfig, model_path: str, guard: bool) -> dict[str, Any]:

@@ -67,6 +67,20 @@ class PreparedImage:
         return num_image_tokens(self.spec, self.tiles)
 
 
+def view_spec(adapter: Any, resolution: str | None) -> ViewSpec:
+    """The ``ViewSpec`` of a model adapter's resolution mode (``runner.adapters.ModelAdapter``)."""
+    r = adapter.resolution(resolution)
+    return ViewSpec(r.base_size, r.image_size, r.crop_mode, "v2" if adapter.key == "deepseek-ocr-2" else "v1")
+
+
+def as_bf16_tensor(bits: np.ndarray) -> Any:
+    """bfloat16 bit patterns (numpy uint16) as a torch bfloat16 tensor, without a copy (the
+    engine side: torch is imported here, not at module level)."""
+    import torch
+
+    return torch.from_numpy(bits).view(torch.bfloat16)
+
+
 def _bf16_lut() -> np.ndarray:
     u = np.arange(256, dtype=np.float32)
     f = ((u / np.float32(255.0)) - np.float32(0.5)) / np.float32(0.5)
