@@ -155,6 +155,10 @@ def _make_pdf(path: str, k: int, n: int) -> None:
     doc.close()
 
 
+#: vLLM's share for the seeds' baseline and the engine-mode run when --gpu-memory-utilization is
+#: not given (the CLI product then keeps its own default)
+BASELINE_UTIL = 0.9
+
 # -- monitoring ----------------------------------------------------------------------------------
 TIMELINE_S = 5  # seconds per bucket of the busy timeline
 
@@ -307,7 +311,7 @@ def child_baseline(a: argparse.Namespace) -> None:
         max_model_len=8192,
         limit_mm_per_prompt={"image": 1},
         logits_processors=[NGramPerReqLogitsProcessor],
-        gpu_memory_utilization=a.gpu_memory_utilization or 0.9,
+        gpu_memory_utilization=a.gpu_memory_utilization or BASELINE_UTIL,
         seed=0,
         trust_remote_code=False,
         disable_log_stats=True,
@@ -388,7 +392,7 @@ def child_engine(a: argparse.Namespace) -> None:
         kv_cache_dtype=a.kv_cache_dtype,
         max_num_seqs=a.max_num_seqs,
         guard=True,
-        gpu_memory_utilization=a.gpu_memory_utilization or 0.9,
+        gpu_memory_utilization=a.gpu_memory_utilization or BASELINE_UTIL,
     )
     cfg = RunConfig(
         inputs=tuple(pdfs), input_root=a.pdf_dir, output_dir=a.out_dir, engine="vllm", engine_config=ec
@@ -1169,7 +1173,7 @@ def main(argv: list[str] | None = None) -> int:
         "--kv-cache-dtype",
         a.kv_cache_dtype,
         "--gpu-memory-utilization",
-        str(a.gpu_memory_utilization or 0.9),
+        str(a.gpu_memory_utilization or BASELINE_UTIL),
         "--render-workers",
         str(a.render_workers),
         "--stall-s",
