@@ -20,7 +20,7 @@ pytest.importorskip("transformers", minversion="5.23")
 import torch
 from conftest_hf import page_image, run_engine, tiny_ocr1_model  # noqa: F401
 from safetensors.torch import load_file, save_file
-from tiny_model import EXPECTED_IDS, upstream_ocr1_config
+from tiny_model import EXPECTED_IDS, FULL_OCR1_CLIP, FULL_OCR1_SAM, upstream_ocr1_config
 
 from runner.adapters import DEEPSEEK_OCR
 from runner.config import EngineConfig
@@ -54,10 +54,9 @@ def test_published_config_translates_to_the_published_sizes() -> None:
     else:  # the shared folder is optional: the same published values, as the tiny builder writes them
         upstream = upstream_ocr1_config(
             {"hidden_size": 1280, "num_hidden_layers": 12, "n_routed_experts": 64, "num_experts_per_tok": 6},
-            {"width": 768, "layers": 12, "heads": 12, "global_attn_indexes": [2, 5, 8, 11],
-             "downsample_channels": [512, 1024]},
-            {"width": 1024, "layers": 24, "heads": 16, "image_size": 224, "patch_size": 14},
-        )  # fmt: skip
+            FULL_OCR1_SAM,
+            FULL_OCR1_CLIP,
+        )
     from transformers import UnlimitedOcrConfig
 
     cfg = UnlimitedOcrConfig(**native_ocr1_config(upstream))

@@ -19,7 +19,12 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from runner.engines.hf_engine import CLIP_L_14_224, SAM_VIT_B, native_ocr1_config
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 # Added on top of the DeepSeek-V3 tokenizer, in id order (see shared/models/README.md).
 OCR_TOKENS = (
@@ -235,12 +240,16 @@ def build_tiny_ocr2(folder: Path, *, upstream_format: bool = False) -> Path:
 def cached_tiny_ocr2(root: Path, *, upstream_format: bool = False) -> Path:
     """Build once under ``root`` (a session tmp dir) and reuse; safe against a half-written folder."""
     name = "tiny-deepseek-ocr2-upstream" if upstream_format else "tiny-deepseek-ocr2"
-    final = Path(root) / name
+    return _cached(Path(root) / name, lambda tmp: build_tiny_ocr2(tmp, upstream_format=upstream_format))
+
+
+def _cached(final: Path, build: Callable[[Path], Path]) -> Path:
+    """``final`` if a whole checkpoint is there, else built in a private folder and moved in."""
     if (final / "config.json").is_file() and (final / "model.safetensors").is_file():
         return final
-    tmp = Path(root) / f".{name}.{os.getpid()}"
+    tmp = final.parent / f".{final.name}.{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    build_tiny_ocr2(tmp, upstream_format=upstream_format)
+    build(tmp)
     os.replace(tmp, final)
     return final
 
@@ -249,7 +258,6 @@ def cached_tiny_ocr2(root: Path, *, upstream_format: bool = False) -> Path:
 
 #: Tiny sizes (``build_tiny_ocr1``); ``full_vision=True`` keeps upstream's SAM ViT-B and CLIP-L,
 #: which vLLM builds at fixed sizes, for a checkpoint vLLM itself can load (GPU check).
-TINY_OCR1_TEXT = TINY_TEXT
 TINY_OCR1_SAM = {
     "width": 32,
     "layers": 2,
@@ -265,21 +273,9 @@ TINY_OCR1_CLIP = {
     "patch_size": 14,
     "intermediate_size": 64,
 }
-FULL_OCR1_SAM = {
-    "width": 768,
-    "layers": 12,
-    "heads": 12,
-    "global_attn_indexes": [2, 5, 8, 11],
-    "downsample_channels": [512, 1024],
-}
-FULL_OCR1_CLIP = {
-    "width": 1024,
-    "layers": 24,
-    "heads": 16,
-    "image_size": 224,
-    "patch_size": 14,
-    "intermediate_size": 4096,
-}
+#: The published sizes: the engine's defaults plus what upstream's config.json also states.
+FULL_OCR1_SAM = {**SAM_VIT_B, "downsample_channels": [512, 1024]}
+FULL_OCR1_CLIP = {**CLIP_L_14_224, "intermediate_size": 4096}
 
 
 def upstream_ocr1_config(
@@ -287,7 +283,7 @@ def upstream_ocr1_config(
 ) -> dict[str, Any]:
     """A DeepSeek-OCR ``config.json`` in upstream's layout (as published with
     ``deepseek-ai/DeepSeek-OCR``: ``deepseek_vl_v2``, ``deeplip_b_l``), tiny sizes by default."""
-    text = {**TINY_OCR1_TEXT, **(text or {})}
+    text = {**TINY_TEXT, **(text or {})}
     sam = dict(sam or TINY_OCR1_SAM)
     clip = dict(clip or TINY_OCR1_CLIP)
     language = {
@@ -341,9 +337,6 @@ def build_tiny_ocr1(folder: Path, *, full_vision: bool = False, seed: int = SEED
     from safetensors.torch import load_file, save_file
     from transformers import UnlimitedOcrConfig, UnlimitedOcrForConditionalGeneration
 
-    sys_path_repo()
-    from runner.engines.hf_engine import native_ocr1_config
-
     folder = Path(folder)
     write_ocr_tokenizer(folder)
     upstream = upstream_ocr1_config(
@@ -361,27 +354,10 @@ def build_tiny_ocr1(folder: Path, *, full_vision: bool = False, seed: int = SEED
     )
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(upstream, indent=1))
-    for extra in ("generation_config.json",):
-        (folder / extra).unlink(missing_ok=True)
-    write_ocr_tokenizer(folder)
+    (folder / "generation_config.json").unlink(missing_ok=True)  # upstream publishes none
     return folder
 
 
 def cached_tiny_ocr1(root: Path) -> Path:
     """Build once under ``root`` and reuse (as ``cached_tiny_ocr2``)."""
-    final = Path(root) / "tiny-deepseek-ocr1-upstream"
-    if (final / "config.json").is_file() and (final / "model.safetensors").is_file():
-        return final
-    tmp = Path(root) / f".tiny-deepseek-ocr1.{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    build_tiny_ocr1(tmp)
-    os.replace(tmp, final)
-    return final
-
-
-def sys_path_repo() -> None:
-    import sys
-
-    repo = str(Path(__file__).resolve().parents[1])
-    if repo not in sys.path:
-        sys.path.insert(0, repo)
+    return _cached(Path(root) / "tiny-deepseek-ocr1-upstream", build_tiny_ocr1)
