@@ -322,9 +322,6 @@ def gpu_memory_gib() -> float | None:
         return None
 
 
-_DEFAULT_UTIL = EngineConfig().gpu_memory_utilization
-
-
 def _apply_profile(ec: EngineConfig, run_gib: float | None = None) -> EngineConfig:
     from runner.launcher import gpu_peers
     from runner.profiles import (
@@ -352,9 +349,10 @@ def _apply_profile(ec: EngineConfig, run_gib: float | None = None) -> EngineConf
         log.info("profile: %s", why)
         usable: float | None = run_gib - OUTSIDE_VLLM_GIB  # exact (the share above is rounded)
     else:
-        if peers > 1 and total is not None and ec.gpu_memory_utilization == _DEFAULT_UTIL:
+        user_share = ec.gpu_memory_utilization != EngineConfig.gpu_memory_utilization
+        if peers > 1 and total is not None and not user_share:
             try:
-                util, why = shared_gpu_utilization(total, peers, _DEFAULT_UTIL)
+                util, why = shared_gpu_utilization(total, peers)
             except BudgetError as e:
                 raise ConfigError(str(e)) from None
             ec = dataclasses.replace(ec, gpu_memory_utilization=util)

@@ -94,7 +94,9 @@ ENGINE_EXCESS_GIB = 5.9
 DEVICE_RESERVED_GIB = 0.5
 
 
-def shared_gpu_utilization(card_gib: float, peers: int, default: float = 0.9) -> tuple[float, str]:
+def shared_gpu_utilization(
+    card_gib: float, peers: int, default: float = _DEFAULTS.gpu_memory_utilization
+) -> tuple[float, str]:
     """``--engines-per-gpu K`` without ``--gpu-memory-utilization``: each engine's vLLM share so
     that K engines, each peaking ``ENGINE_EXCESS_GIB`` over its budget, fit on the card; never more
     than ``default / K`` (for one engine the formula gives more than 0.9: the default stays).
