@@ -106,8 +106,39 @@ def test_patch_is_idempotent_can_be_turned_off_and_skips_wide_grids(monkeypatch:
     assert calls == [1]
 
 
+def test_head_dims_per_kernel() -> None:
+    """Widened heads padded to what each kernel runs: a multiple of 8 for SDPA; FA3's compiled
+    sizes, with 128-wide values beside 192-wide keys (its MLA kernel)."""
+    assert sa.head_dims(64, 28, "sdpa") == (96, 96)  # 14x14 windows
+    assert sa.head_dims(64, 128, "sdpa") == (192, 192)  # 64x64 global grid
+    assert sa.head_dims(64, 80, "sdpa") == (144, 144)  # 40x40 (640² crops)
+    assert sa.head_dims(64, 28, "fa3") == (96, 96)
+    assert sa.head_dims(64, 128, "fa3") == (192, 128)
+    assert sa.head_dims(64, 80, "fa3") == (192, 128)
+    assert sa.head_dims(64, 160, "fa3") == (256, 256)  # 80x80 (1280² Large views)
+    assert sa.head_dims(64, 40, "fa3") == (128, 128)
+
+
+@pytest.mark.parametrize("dims", [(96, 96), (192, 128), (200, 72)])
+def test_padding_to_kernel_sizes_keeps_the_result(
+    monkeypatch: pytest.MonkeyPatch, dims: tuple[int, int]
+) -> None:
+    """Zero columns added to q'/k' and to v (to reach a kernel's head size) change nothing: the
+    FA3 shapes (narrower values than keys) run through SDPA here, which takes them on CPU."""
+    torch.manual_seed(2)
+    m = RelPosAttention(128, 2, (8, 8)).double()  # head 64 + 16 bias columns
+    x = torch.randn(2, 8, 8, 128, dtype=torch.float64)
+    with torch.no_grad():
+        want = m(x)
+        sa.patch_sam_attention(m)
+        monkeypatch.setattr(sa, "head_dims", lambda d, extra, kernel_name: dims)
+        got = m(x)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (GPU machine)")
-def test_fast_forward_equals_vllm_relposattention() -> None:
+@pytest.mark.parametrize("kernel_name", ["auto", "sdpa", "fa3", "cudnn"])
+def test_fast_forward_equals_vllm_relposattention(monkeypatch: pytest.MonkeyPatch, kernel_name: str) -> None:
     """Against upstream's own module: equal in float64; in bf16 (on CUDA where there is one) at
     least as close to the float64 result as upstream's bf16 path is (upstream rounds the bias to
     bf16 before adding it; here it is summed in the kernel's fp32 accumulator)."""
@@ -116,6 +147,10 @@ def test_fast_forward_equals_vllm_relposattention() -> None:
     from vllm.model_executor.models.deepencoder import RelPosAttention as Upstream
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if kernel_name != "auto":
+        if dev == "cpu" or (kernel_name == "fa3" and not sa._fa3_available()):
+            pytest.skip(f"{kernel_name} needs a CUDA GPU (fa3: a Hopper one)")
+        monkeypatch.setenv("RUNNER_SAM_KERNEL", kernel_name)
     torch.manual_seed(0)
     for size, batch in (((64, 64), 1), ((14, 14), 8), ((40, 40), 2)):
         m = Upstream(768, num_heads=12, use_rel_pos=True, input_size=size)

@@ -112,6 +112,9 @@ for step in "$@"; do
     samab) log "samab: SAM encoder, upstream attention vs bias-free (one prefill step's images)"
           timeout -k 10 ${SAMTO:-240} python3 tools/bench_sam.py --pages ${SAMPAGES:-18} --variants ${SAMVARS:-upstream,bias-free} ${SAMPROF:---profile} \
             --jsonl "$OUT/benchmarks.jsonl" 2>&1 | tail -8 | cut -c1-1500 ;;
+    tower) log "tower: OCR-1's vision tower (SAM + CLIP-L + projector) per SAM attention kernel"
+          timeout -k 10 ${TOWTO:-200} python3 tools/bench_sam.py --tower --model-dir $M/deepseek-ocr --pages ${SAMPAGES:-18} \
+            --variants ${TOWVARS:-bias-free+sdpa,bias-free+fa3} ${TOWPROF:---profile} --jsonl "$OUT/benchmarks.jsonl" 2>&1 | tail -6 | cut -c1-2500 ;;
     memtrace) log "memtrace: one engine, every encoder call's memory (RUNNER_MEMORY_TRACE=1), warm-up included"
           RUNNER_MEMORY_TRACE=1 timeout -k 10 ${MTTO:-300} python3 tools/bench.py --model-dir $M/${MTMODEL:-deepseek-ocr} --pages ${PAGES:-256} --max-num-seqs ${SEQS:-512} --baseline off \
             --product cli --product-timeout ${MTTO2:-280} --work-dir /tmp/mt --jsonl "$OUT/benchmarks.jsonl" --tag memtrace 2>&1 | tail -1 | cut -c1-800

@@ -1,9 +1,15 @@
 """Time vLLM's SAM image encoder (DeepSeek-OCR's `build_sam_vit_b`) with upstream's attention and
 with the bias-free attention of runner/vllm_plugin/sam_attention.py (bias folded into widened
-heads), on the same random weights
-and inputs (GPU machine; needs vLLM). One JSON line per variant; appended to --jsonl if given.
+heads) under each attention kernel, on the same random weights and inputs (GPU machine; needs
+vLLM). One JSON line per variant; appended to --jsonl if given.
 
-    python tools/bench_sam.py --pages 18 --crops-per-page 6 --jsonl OUT/benchmarks.jsonl
+    python tools/bench_sam.py --pages 18 --crops-per-page 6 --jsonl OUT/benchmarks.jsonl \
+        --variants upstream,bias-free+sdpa,bias-free+fa3 [--tower]
+
+Variants: ``upstream``; ``bias-free`` (the engine's default kernel choice) or ``bias-free+K``
+for ``RUNNER_SAM_KERNEL=K`` (sdpa, fa3, cudnn); ``+compile`` appended: torch.compile of the
+encoder. ``--tower`` times the whole OCR-1 vision tower per view (SAM, then vLLM's CLIP-L on
+SAM's features, then the projector: the batched encoder's ``_encode_views``) instead of SAM alone.
 
 The workload is one prefill step of the PERF.md run: ~18 Gundam pages, each a 1024² global view
 and up to six 640² crops (the engine's profile: SAM's attention was ~2/3 of such a step).
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -47,6 +54,59 @@ def random_init(sam: torch.nn.Module) -> torch.nn.Module:
     return sam
 
 
+def build_tower(
+    dev: torch.device, model_dir: str | None
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """vLLM's CLIP-L and projector of DeepSeek-OCR (random weights) as a function of (views, SAM
+    features) -> projected features, like the batched encoder's ``_encode_views``. vLLM's
+    parallel layers need its (one-process) distributed state."""
+    import tempfile
+
+    from transformers import CLIPVisionConfig
+    from vllm.distributed import ensure_model_parallel_initialized, init_distributed_environment
+    from vllm.model_executor.models.deepencoder import DeepCLIPVisionTransformer
+    from vllm.model_executor.models.deepseek_vl2 import MlpProjector
+    from vllm.transformers_utils.configs.deepseek_vl2 import MlpProjectorConfig
+
+    init_distributed_environment(
+        world_size=1,
+        rank=0,
+        local_rank=0,
+        backend="nccl",
+        distributed_init_method=f"file://{tempfile.mktemp(prefix='bench_sam_')}",
+    )
+    ensure_model_parallel_initialized(1, 1)
+    proj_cfg = {"input_dim": 2048, "n_embed": 1280, "projector_type": "linear"}
+    if model_dir:
+        proj_cfg = json.loads((Path(model_dir) / "config.json").read_text())["projector_config"]
+    torch.set_default_dtype(torch.bfloat16)  # vLLM builds layers in the model dtype
+    try:
+        clip = DeepCLIPVisionTransformer(
+            config=CLIPVisionConfig(
+                hidden_size=1024,
+                intermediate_size=4096,
+                num_attention_heads=16,
+                num_hidden_layers=24,
+                image_size=224,
+                patch_size=14,
+                projection_dim=512,
+                layer_norm_eps=1e-5,
+            ),
+            prefix="vision_model",
+        )
+        projector = MlpProjector(MlpProjectorConfig(**proj_cfg))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    clip = random_init(clip.to(dev, torch.bfloat16).eval())
+    projector = random_init(projector.to(dev, torch.bfloat16).eval())
+
+    def tower(x: torch.Tensor, f1: torch.Tensor) -> torch.Tensor:
+        f2 = clip(x, f1)
+        return projector(torch.cat((f2[:, 1:], f1.flatten(2).permute(0, 2, 1)), dim=-1))
+
+    return tower
+
+
 def _top_kernels(fn: Callable[[], object], n: int = 12) -> list[dict[str, object]]:
     """One call of ``fn`` under torch's profiler: the ``n`` kernels with the most CUDA time."""
     from torch.profiler import ProfilerActivity, profile
@@ -64,7 +124,14 @@ def _top_kernels(fn: Callable[[], object], n: int = 12) -> list[dict[str, object
 
 
 def run(
-    pages: int, crops: int, repeats: int, chunk: int, variants: list[str], profile: bool
+    pages: int,
+    crops: int,
+    repeats: int,
+    chunk: int,
+    variants: list[str],
+    profile: bool,
+    tower_model: str | None = None,
+    tower: bool = False,
 ) -> list[dict[str, object]]:
     from vllm.model_executor.models.deepencoder import build_sam_vit_b
 
@@ -76,9 +143,15 @@ def run(
     g = torch.randn(pages, 3, 1024, 1024, device=dev, dtype=torch.bfloat16)
     c = torch.randn(pages * crops, 3, 640, 640, device=dev, dtype=torch.bfloat16)
 
+    rest = build_tower(dev, tower_model) if tower else None
+
+    def views(x: torch.Tensor) -> torch.Tensor:
+        f1 = sam(x)
+        return f1 if rest is None else rest(x, f1)
+
     def encode() -> tuple[torch.Tensor, torch.Tensor]:
-        outs_g = [sam(g[i : i + chunk]) for i in range(0, len(g), chunk)]
-        outs_c = [sam(c[i : i + chunk]) for i in range(0, len(c), chunk)]
+        outs_g = [views(g[i : i + chunk]) for i in range(0, len(g), chunk)]
+        outs_c = [views(c[i : i + chunk]) for i in range(0, len(c), chunk)]
         return torch.cat(outs_g), torch.cat(outs_c)
 
     results = []
@@ -88,16 +161,22 @@ def run(
     for variant in variants:
         if variant != "upstream" and not patched:
             patched = patch_sam_attention(eager)
-        # "bias-free": the bias folded into widened heads; "+compile": torch.compile (inductor)
-        # of the whole encoder, batch dynamic
-        sam = torch.compile(eager, dynamic=True) if variant.endswith("+compile") else eager
+        # "bias-free[+KERNEL]": the bias folded into widened heads, attention by KERNEL (sam_attention's
+        # RUNNER_SAM_KERNEL; default: the engine's choice); "+compile": torch.compile (inductor) of the
+        # whole encoder, batch dynamic
+        parts = variant.split("+")
+        kernels = [p for p in parts[1:] if p != "compile"]
+        os.environ["RUNNER_SAM_KERNEL"] = kernels[0] if kernels else "auto"
+        sam = torch.compile(eager, dynamic=True) if "compile" in parts[1:] else eager
         with torch.no_grad():
             t_warm = time.perf_counter()
             try:
                 encode()  # warm-up (kernel selection, allocator; compilation for "+compile")
             except Exception as e:  # a variant that cannot run is reported, not fatal
                 err = f"{type(e).__name__}: {e}"[:400]
-                results.append({"bench": "sam-encoder", "variant": variant, "error": err})
+                results.append(
+                    {"bench": "vision-tower" if tower else "sam-encoder", "variant": variant, "error": err}
+                )
                 continue
             torch.cuda.synchronize()
             warm_s = time.perf_counter() - t_warm
@@ -110,9 +189,12 @@ def run(
             torch.cuda.synchronize()
             dt = (time.perf_counter() - t0) / repeats
         peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+        from runner.vllm_plugin.sam_attention import kernel
+
         row: dict[str, object] = {
-            "bench": "sam-encoder",
+            "bench": "vision-tower" if tower else "sam-encoder",
             "variant": variant,
+            "sam_kernel": kernel() if variant != "upstream" else None,
             "pages": pages,
             "crops_per_page": crops,
             "chunk": chunk,
@@ -145,13 +227,26 @@ def main() -> None:
     ap.add_argument(
         "--variants",
         default="upstream,bias-free",
-        help="comma list: upstream, bias-free, bias-free+compile",
+        help="comma list: upstream, bias-free[+sdpa|+fa3|+cudnn][+compile]",
     )
+    ap.add_argument(
+        "--tower", action="store_true", help="SAM + CLIP-L + projector (OCR-1's vision tower), not SAM alone"
+    )
+    ap.add_argument("--model-dir", help="a DeepSeek-OCR folder: the projector's config (default: upstream's)")
     ap.add_argument("--profile", action="store_true", help="each variant's top CUDA kernels (torch profiler)")
     ap.add_argument("--jsonl")
     a = ap.parse_args()
     with _config_context():  # vLLM's custom layers read the current config, also in forward
-        rows = run(a.pages, a.crops_per_page, a.repeats, a.chunk, a.variants.split(","), a.profile)
+        rows = run(
+            a.pages,
+            a.crops_per_page,
+            a.repeats,
+            a.chunk,
+            a.variants.split(","),
+            a.profile,
+            a.model_dir,
+            a.tower,
+        )
     for r in rows:
         print(json.dumps(r))
     if a.jsonl:
@@ -161,7 +256,7 @@ def main() -> None:
     for r in rows:
         ms = r.get("ms_per_page", r.get("error"))
         peak = r.get("activation_peak_gib")
-        print(f"SAM encoder, {r['variant']}: {ms} ms/page, activation peak {peak} GiB")
+        print(f"{r['bench']}, {r['variant']}: {ms} ms/page, activation peak {peak} GiB")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,12 @@ FlexAttention (``score_mod`` reading rel_h/rel_w, compiled) was tried and measur
 (``tools/bench_sam.py``, 18 Gundam pages): **147.5 ms/page** against 17.3 here and 20.5 upstream;
 its compiled kernel (~41 ms per call) dominated. Removed again; the numbers are in NOTES.md.
 
+Session 9 (CPU-written, measured in GPU session 9): the widened attention stays token-major (the
+qkv projection's own layout: no head-major copies of q, k, v and of the output), and on a Hopper
+GPU it runs vLLM's FA3 kernel (``vllm.vllm_flash_attn``, varlen over the views; 192-wide keys with
+128-wide values is a kernel FA3 has for DeepSeek's MLA) instead of PyTorch's FA2.
+``RUNNER_SAM_KERNEL`` (``auto``, ``fa3``, ``sdpa``, ``cudnn``) picks the kernel.
+
 ``RUNNER_FAST_SAM_ATTENTION=0`` keeps upstream's forward. (``torch.compile`` of the whole encoder
 on top of this was measured in GPU session 6 and gave nothing: 17.2 -> 17.4 ms/page, 93 s of
 compilation; ``tools/bench_sam.py --variants bias-free,bias-free+compile`` repeats it.)
@@ -36,6 +42,7 @@ compilation; ``tools/bench_sam.py --variants bias-free,bias-free+compile`` repea
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import types
@@ -71,19 +78,6 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor
     return resized[relative.long()]
 
 
-def decomposed_rel_pos(
-    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, h: int, w: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, h*w, c) queries -> rel_h (N, h*w, h), rel_w (N, h*w, w): upstream's einsums."""
-    rh = get_rel_pos(h, h, rel_pos_h)
-    rw = get_rel_pos(w, w, rel_pos_w)
-    n, _, dim = q.shape
-    r_q = q.reshape(n, h, w, dim)
-    rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, rh).reshape(n, h * w, h)
-    rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, rw).reshape(n, h * w, w)
-    return rel_h, rel_w
-
-
 def _key_positions(h: int, w: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(h*w, h+w): one-hot row then one-hot column of each key position."""
     idx = torch.arange(h * w, device=device)
@@ -91,6 +85,45 @@ def _key_positions(h: int, w: int, dtype: torch.dtype, device: torch.device) -> 
     onehot[idx, idx // w] = 1
     onehot[idx, h + idx % w] = 1
     return onehot
+
+
+def kernel() -> str:
+    """The attention kernel for the widened heads: ``RUNNER_SAM_KERNEL`` = ``auto`` (default: FA3
+    where vLLM's build has it and the GPU is a Hopper, else SDPA), ``fa3``, ``sdpa`` or ``cudnn``
+    (SDPA restricted to cuDNN's kernel)."""
+    choice = os.environ.get("RUNNER_SAM_KERNEL", "auto")
+    if choice != "auto":
+        return choice
+    global _auto_kernel
+    if _auto_kernel is None:
+        _auto_kernel = "fa3" if _fa3_available() else "sdpa"
+    return _auto_kernel
+
+
+_auto_kernel: str | None = None
+
+
+def _fa3_available() -> bool:
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        return False
+    try:
+        from vllm.vllm_flash_attn.flash_attn_interface import is_fa_version_supported
+
+        return bool(is_fa_version_supported(3))
+    except Exception:  # no vLLM, or a build without FA3
+        return False
+
+
+def head_dims(d: int, extra: int, kernel_name: str) -> tuple[int, int]:
+    """(query/key, value) head dims for a head of ``d`` plus ``extra`` bias columns: a multiple of
+    8 (flash kernels); for FA3 the sizes it compiles (64, 96, 128, 192, 256; values of 128 beside
+    192-wide keys is its DeepSeek-MLA kernel), with values padded only as far as the kernel needs."""
+    dim = d + extra
+    dq = dim + (-dim) % 8
+    if kernel_name != "fa3":
+        return dq, dq
+    dq = next(s for s in (64, 96, 128, 192, 256) if s >= dim) if dim <= 256 else dq
+    return dq, 128 if dq == 192 and d <= 128 else dq
 
 
 def rel_pos_attention(
@@ -101,52 +134,90 @@ def rel_pos_attention(
     rel_w: torch.Tensor,
     scale: float,
     positions: torch.Tensor | None = None,
+    kernel_name: str = "sdpa",
 ) -> torch.Tensor:
-    """softmax(scale·q·kᵀ + rel_h[i, row(j)] + rel_w[i, col(j)]) v for (B, heads, L, d) inputs,
-    rel_h (B, heads, L, h), rel_w (B, heads, L, w); L = h*w. Returns (B, heads, L, d)."""
-    b, nh, seq, d = q.shape
+    """softmax(scale·q·kᵀ + rel_h[i, row(j)] + rel_w[i, col(j)]) v, token-major: q, k, v
+    (B, L, heads, d), rel_h (B, L, heads, h), rel_w (B, L, heads, w), L = h*w, any strides with
+    the last dimension contiguous (views of the qkv projection). Returns (B, L, heads, d),
+    possibly a strided view."""
+    b, seq, nh, d = q.shape
     h, w = rel_h.shape[-1], rel_w.shape[-1]
     extra = h + w
-    dim = d + extra
-    pad = (-dim) % 8
+    dq, dv = head_dims(d, extra, kernel_name)
     if positions is None:
         positions = _key_positions(h, w, q.dtype, q.device)
     inv = 1.0 / scale
     parts_q = [q, rel_h * inv, rel_w * inv]
-    parts_k = [k, positions.expand(b, nh, seq, extra)]
-    if pad:
-        zq = q.new_zeros(b, nh, seq, pad)
+    parts_k = [k, positions[None, :, None, :].expand(b, seq, nh, extra)]
+    if dq > d + extra:
+        zq = q.new_zeros(b, seq, nh, dq - d - extra)
         parts_q.append(zq)
         parts_k.append(zq)
     qa = torch.cat(parts_q, dim=-1)
     ka = torch.cat(parts_k, dim=-1)
-    va = F.pad(v, (0, dim + pad - d))
-    out = F.scaled_dot_product_attention(qa, ka, va, scale=scale)
-    return out[..., :d]
+    va = F.pad(v, (0, dv - d))
+    if kernel_name == "fa3":
+        from vllm.vllm_flash_attn.flash_attn_interface import flash_attn_varlen_func
+
+        cu = torch.arange(0, (b + 1) * seq, seq, dtype=torch.int32, device=q.device)
+        out = flash_attn_varlen_func(
+            qa.view(b * seq, nh, dq),
+            ka.view(b * seq, nh, dq),
+            va.view(b * seq, nh, dv),
+            max_seqlen_q=seq,
+            cu_seqlens_q=cu,
+            max_seqlen_k=seq,
+            cu_seqlens_k=cu,
+            softmax_scale=scale,
+            causal=False,
+            fa_version=3,
+        )
+        return out.view(b, seq, nh, dv)[..., :d]
+    # SDPA wants (B, heads, L, D): transposed views, no copy
+    ctx: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if kernel_name == "cudnn":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        ctx = sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
+    with ctx:
+        out = F.scaled_dot_product_attention(
+            qa.transpose(1, 2), ka.transpose(1, 2), va.transpose(1, 2), scale=scale
+        )
+    return out.transpose(1, 2)[..., :d]
 
 
 def fast_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
-    """Drop-in ``RelPosAttention.forward``: upstream's projections and layout, the bias folded
-    into the query/key (module docstring). Falls back to upstream's forward where the widened head
-    would not fit a flash kernel."""
+    """Drop-in ``RelPosAttention.forward``: upstream's projections, the bias folded into the
+    query/key (module docstring), token-major throughout (the qkv projection's layout: no
+    head-major copies of q, k, v or of the output). Falls back to upstream's forward where the
+    widened head would not fit a flash kernel."""
     bsz, h, w, _ = x.shape
     nh = self.num_heads
     head_dim = self.qkv.out_features // 3 // nh
     if not self.use_rel_pos or head_dim + h + w + 8 > MAX_HEAD_DIM:
         return self._upstream_forward(x)
-    qkv = self.qkv(x).reshape(bsz, h * w, 3, nh, -1).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.reshape(3, bsz * nh, h * w, -1).unbind(0)
-    rel_h, rel_w = decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, h, w)
-    qh, kh, vh = (t.view(bsz, nh, h * w, -1) for t in (q, k, v))
-    rh, rw = rel_h.view(bsz, nh, h * w, h), rel_w.view(bsz, nh, h * w, w)
+    q, k, v = self.qkv(x).view(bsz, h, w, 3, nh, head_dim).unbind(3)  # (B, h, w, heads, d) views
+    rh = get_rel_pos(h, h, self.rel_pos_h)
+    rw = get_rel_pos(w, w, self.rel_pos_w)
+    rel_h = torch.einsum("byxnc,ykc->byxnk", q, rh)  # upstream's einsums, token-major
+    rel_w = torch.einsum("byxnc,xkc->byxnk", q, rw)
     key = (h, w, q.dtype, q.device)
     cache = self.__dict__.setdefault("_runner_positions", {})
     positions = cache.get(key)
     if positions is None:
         positions = cache[key] = _key_positions(h, w, q.dtype, q.device)
-    out = rel_pos_attention(qh, kh, vh, rh, rw, self.scale, positions)
-    out = out.view(bsz, nh, h, w, -1).permute(0, 2, 3, 1, 4).reshape(bsz, h, w, -1)
-    return self.proj(out)  # type: ignore[no-any-return]
+    seq = h * w
+    out = rel_pos_attention(
+        q.reshape(bsz, seq, nh, head_dim),
+        k.reshape(bsz, seq, nh, head_dim),
+        v.reshape(bsz, seq, nh, head_dim),
+        rel_h.reshape(bsz, seq, nh, h),
+        rel_w.reshape(bsz, seq, nh, w),
+        self.scale,
+        positions,
+        kernel(),
+    )
+    return self.proj(out.reshape(bsz, h, w, nh * head_dim))  # type: ignore[no-any-return]
 
 
 def patch_sam_attention(module: torch.nn.Module) -> int:
