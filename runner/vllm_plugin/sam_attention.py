@@ -103,6 +103,14 @@ def kernel() -> str:
 _auto_kernel: str | None = None
 
 
+def kernel_for(x: torch.Tensor) -> str:
+    """``kernel()``, where it can run these tensors: FA3 and cuDNN take CUDA half/bf16 only."""
+    name = kernel()
+    if name in ("fa3", "cudnn") and not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)):
+        return "sdpa"
+    return name
+
+
 def _fa3_available() -> bool:
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         return False
@@ -215,7 +223,7 @@ def fast_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
         rel_w.reshape(bsz, seq, nh, w),
         self.scale,
         positions,
-        kernel(),
+        kernel_for(x),
     )
     return self.proj(out.reshape(bsz, h, w, nh * head_dim))  # type: ignore[no-any-return]
 
