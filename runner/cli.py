@@ -230,6 +230,18 @@ def _name_value(text: str) -> tuple[str, str]:
     return name.strip(), value
 
 
+def _vllm_window(ec: EngineConfig, dpi: float) -> int:
+    from runner.profiles import WORKERS_ON_HOST_ENV, inflight_window
+
+    try:
+        peers = max(1, int(os.environ.get(WORKERS_ON_HOST_ENV, "1")))
+    except ValueError:
+        peers = 1
+    window, why = inflight_window(ec.max_num_seqs, dpi, peers)
+    log.info("in-flight window: %d pages (%s)", window, why)
+    return window
+
+
 def config_from_args(args: argparse.Namespace, inputs: tuple[str, ...], root: str) -> RunConfig:
     temps = tuple(float(t) for t in _split(args.retry_temperatures))[: max(0, args.retries)]
     if args.retries > len(temps) and temps:
@@ -264,9 +276,7 @@ def config_from_args(args: argparse.Namespace, inputs: tuple[str, ...], root: st
     if args.engine != "text":
         ec = _apply_profile(ec, args.gpu_memory_gib if args.engine == "vllm" else None)
     # The window must exceed what the engine runs at once, or the GPU idles while pages render.
-    batch = args.batch_pages or (
-        ec.max_num_seqs + max(16, ec.max_num_seqs // 4) if args.engine == "vllm" else 16
-    )
+    batch = args.batch_pages or (_vllm_window(ec, args.dpi) if args.engine == "vllm" else 16)
     workers = args.render_workers or max(1, min(8, os.cpu_count() or 1))
     return RunConfig(
         inputs=inputs,

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runner.profiles import WORKERS_ON_HOST_ENV
 from runner.summary import SUMMARY_NAME, dumps, shard_summary_name
 
 log = logging.getLogger(__name__)
@@ -203,7 +204,11 @@ def plan_workers(
     for i, (gpu, _j) in enumerate(slots):
         k = fleet_i * n + i
         cmd = (*worker_cmd, *rest, "--num-shards", str(total), "--shard-index", str(k))
-        env: tuple[tuple[str, str], ...] = (("CUDA_VISIBLE_DEVICES", gpu), *secret_env)
+        env: tuple[tuple[str, str], ...] = (
+            ("CUDA_VISIBLE_DEVICES", gpu),
+            (WORKERS_ON_HOST_ENV, str(n)),  # each sizes its in-flight window for a 1/n share of RAM
+            *secret_env,
+        )
         if engines_per_gpu > 1:
             lock = os.path.join(lock_dir or tempfile.gettempdir(), f"runner-engine-start-gpu{gpu}.lock")
             env += (("RUNNER_ENGINE_START_LOCK", lock), (GPU_PEERS_ENV, str(engines_per_gpu)))

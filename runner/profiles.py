@@ -203,3 +203,63 @@ def apply_profile(cfg: EngineConfig, gpu_mem_gib: float | None) -> tuple[EngineC
             "memory (slow)",
         )
     return dataclasses.replace(cfg, **changes), reasons  # type: ignore[arg-type]
+
+
+# -- the in-flight window (host side) ---------------------------------------------------------------
+
+HOST_MEMORY_SHARE = 0.3  # of the host's available memory, for pages waiting ahead of the engine
+WORKERS_ON_HOST_ENV = "RUNNER_WORKERS_ON_HOST"  # set by the --gpus launcher: workers sharing this host
+
+
+def page_host_bytes(dpi: float, base_size: int = 1024, image_size: int = 640, crops: int = 6) -> int:
+    """Host memory one rendered page holds while it waits for the engine: its pixels (an A4 page
+    at ``dpi``, kept by the CLI for a resend after an engine restart) and its preprocessed bf16
+    views (kept by vLLM's engine core until the page is scheduled)."""
+    pixels = round(8.27 * dpi) * round(11.69 * dpi) * 3
+    views = (base_size * base_size + crops * image_size * image_size) * 3 * 2
+    return int(pixels + views)
+
+
+def mem_available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def inflight_window(
+    max_num_seqs: int,
+    dpi: float,
+    workers_on_host: int = 1,
+    mem_available: int | None = None,
+    page_bytes: int | None = None,
+) -> tuple[int, str]:
+    """Pages in flight (rendering + in the engine) for a vLLM run: one full batch running plus a
+    second one rendered, preprocessed and queued in vLLM, within ``HOST_MEMORY_SHARE`` of the
+    host's available memory split over the workers on this host (never less than the old margin,
+    a quarter batch / 16 pages).
+
+    Why (GPU session 9, H100, two engines, PERF.md workload): with a quarter batch queued, each
+    wave change (all 384 sequences of an engine finish together under forced 1000-token outputs)
+    left the GPU at 52-66% busy for ~25 s while the CLI rendered, preprocessed and submitted the
+    next 336 pages and post-processed the 384 finished ones in the same process; with the next
+    batch already queued, vLLM starts its prefill at once and the post-processing overlaps it."""
+    margin = max(16, max_num_seqs // 4)
+    avail = mem_available if mem_available is not None else mem_available_bytes()
+    per_page = page_bytes or page_host_bytes(dpi)
+    if avail is None:
+        return max_num_seqs + margin, "host memory unknown: a quarter batch queued ahead"
+    fits = int(HOST_MEMORY_SHARE * avail / max(1, workers_on_host) / per_page)
+    extra = max(margin, min(max_num_seqs, fits))
+    why = (
+        f"{extra} page(s) queued ahead of the {max_num_seqs} running "
+        f"(~{per_page / 2**20:.0f} MiB each; {HOST_MEMORY_SHARE:.0%} of {avail / 2**30:.0f} GiB available"
+        + (f" over {workers_on_host} workers on this host" if workers_on_host > 1 else "")
+        + ")"
+    )
+    return max_num_seqs + extra, why

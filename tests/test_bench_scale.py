@@ -115,11 +115,14 @@ def test_cli_argv_single_unchanged_and_multi_windows() -> None:
         "run_pdf_ocr_vllm.py --input-dir /pdfs --output-dir /o/product --engine vllm --model m "
         "--load-format dummy --ignore-eos --max-tokens 1000 --kv-cache-dtype fp8 --retries 0 "
         "--no-large-pass --max-num-seqs 512 --dpi 144.0 --gpu-memory-utilization 0.9 --progress log "
-        "--force --render-workers 28 --batch-pages 624 --log-file /o/run.log --profile auto"
+        "--force --render-workers 28 --log-file /o/run.log --profile auto"
     )
     assert " ".join(single[1:]) == expected
     g = bench.cli_argv(a, "/p", Path("/o"), Path("/l"), gpus="0,1", engines=2, render_workers=14)
-    assert g[g.index("--gpus") + 1] == "0,1" and g[g.index("--batch-pages") + 1] == str(512 + 4 * 14)
+    # local workers size their own windows (profiles.inflight_window) unless one is given
+    assert g[g.index("--gpus") + 1] == "0,1" and "--batch-pages" not in g
+    given = bench.cli_argv(_args(batch_pages=700), "/p", Path("/o"), Path("/l"), gpus="0,1", engines=2)
+    assert given[given.index("--batch-pages") + 1] == "700"
     assert g[-2:] == ["--profile", "auto"]
     r = bench.cli_argv(a, "/p", Path("/o"), Path("/l"), executor="ray", engines=2, render_workers=28)
     assert r[r.index("--executor") + 1] == "ray" and r[r.index("--ray-engine-actors") + 1] == "2"
@@ -127,8 +130,9 @@ def test_cli_argv_single_unchanged_and_multi_windows() -> None:
     own = bench.cli_argv(_args(gpu_memory_utilization=None), "/p", Path("/o"), Path("/l"))
     assert "--gpu-memory-utilization" not in own
     assert r[r.index("--ray-render-tasks") + 1] == "28"
-    # Ray's one window holds what the two workers' windows hold together
-    assert int(r[r.index("--batch-pages") + 1]) == 2 * (512 + 4 * 14)
+    # Ray's one window holds what the two workers' windows hold together: a batch running and
+    # one queued each
+    assert int(r[r.index("--batch-pages") + 1]) == 2 * (2 * 512)
     assert "--gpus" not in r
 
 

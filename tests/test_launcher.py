@@ -88,6 +88,8 @@ def test_plan_composes_fleet_and_local_shards() -> None:
     specs = plan_workers(argv, ["0", "1"], worker_cmd=("py", "-m", "runner"))
     assert [(s.shard_index, s.num_shards) for s in specs] == [(2, 6), (3, 6)]
     assert [dict(s.env)["CUDA_VISIBLE_DEVICES"] for s in specs] == ["0", "1"]
+    # each worker sizes its in-flight window for its share of this host's memory
+    assert [dict(s.env)["RUNNER_WORKERS_ON_HOST"] for s in specs] == ["2", "2"]
     cmd = list(specs[1].argv)
     assert cmd[:3] == ["py", "-m", "runner"]
     assert "--gpus" not in cmd and "all" not in cmd and "--shard-index=1" not in cmd

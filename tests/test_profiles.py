@@ -85,3 +85,71 @@ def test_engines_sharing_a_gpu_get_what_fits_with_their_measured_excess() -> Non
     assert shared_gpu_utilization(139.8, 2)[0] == 0.45  # H200: room for the default halves
     with pytest.raises(BudgetError, match="do not fit"):
         shared_gpu_utilization(23.6, 2)
+
+
+GIB = 2**30
+
+
+def test_inflight_window_queues_a_second_batch_when_the_host_has_room(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from runner import profiles
+    from runner.profiles import inflight_window, page_host_bytes
+
+    per_page = page_host_bytes(144.0)  # A4 at 144 dpi + Gundam views: ~27 MiB
+    assert 25 * 2**20 < per_page < 30 * 2**20
+    # GPU session 9's host: ~120 GiB available, two workers: a whole second batch each
+    window, why = inflight_window(384, 144.0, workers_on_host=2, mem_available=120 * GIB)
+    assert window == 2 * 384 and "2 workers" in why
+    # a small host: as many as 30% of its memory holds, never less than the old quarter batch
+    window, _ = inflight_window(512, 144.0, mem_available=32 * GIB)
+    assert window == 512 + int(0.3 * 32 * GIB / per_page)
+    window, _ = inflight_window(512, 144.0, mem_available=4 * GIB)
+    assert window == 512 + 128
+    monkeypatch.setattr(profiles, "mem_available_bytes", lambda: None)  # not Linux
+    window, why = inflight_window(64, 144.0)
+    assert window == 64 + 16 and "unknown" in why
+
+
+def test_inflight_window_is_the_cli_default_for_vllm(monkeypatch: pytest.MonkeyPatch) -> None:
+    from runner import cli, profiles
+
+    seen = {}
+
+    def fake(max_num_seqs: int, dpi: float, workers_on_host: int = 1) -> tuple[int, str]:
+        seen.update(seqs=max_num_seqs, dpi=dpi, workers=workers_on_host)
+        return 777, "test"
+
+    monkeypatch.setattr(profiles, "inflight_window", fake)
+    monkeypatch.setenv("RUNNER_WORKERS_ON_HOST", "4")
+    args = cli.build_parser().parse_args(
+        [
+            "--input-dir",
+            ".",
+            "--output-dir",
+            "o",
+            "--engine",
+            "vllm",
+            "--max-num-seqs",
+            "100",
+            "--profile",
+            "default",
+        ]
+    )
+    cfg = cli.config_from_args(args, ("a.pdf",), ".")
+    assert cfg.batch_pages == 777 and seen == {"seqs": 100, "dpi": 144.0, "workers": 4}
+    args = cli.build_parser().parse_args(
+        [
+            "--input-dir",
+            ".",
+            "--output-dir",
+            "o",
+            "--engine",
+            "vllm",
+            "--batch-pages",
+            "9",
+            "--profile",
+            "default",
+        ]
+    )
+    assert cli.config_from_args(args, ("a.pdf",), ".").batch_pages == 9

@@ -604,10 +604,13 @@ def cli_argv(
     render_workers: int | None = None,
 ) -> list[str]:
     """The product CLI's command line. ``gpus``: the local launcher (one worker per GPU, each
-    with ``render_workers`` render processes and its own in-flight window); ``executor="ray"``:
-    ``engines`` engine actors sharing one window sized like the workers' windows together."""
+    with ``render_workers`` render processes and the product's own in-flight window, or
+    ``--batch-pages`` when given); ``executor="ray"``: ``engines`` engine actors sharing one
+    window sized like the workers' windows together (a batch running and a batch queued each)."""
     rw = a.render_workers if render_workers is None else render_workers
-    window = (engines if executor == "ray" else 1) * a.max_num_seqs + 4 * rw
+    window = getattr(a, "batch_pages", None)
+    if executor == "ray":
+        window = engines * (window or 2 * a.max_num_seqs)
     argv = [
         sys.executable,
         "run_pdf_ocr_vllm.py",
@@ -641,8 +644,7 @@ def cli_argv(
         "--force",
         "--render-workers",
         str(rw),
-        "--batch-pages",
-        str(window),
+        *(["--batch-pages", str(window)] if window else []),
         "--log-file",
         str(log_file),
     ]
@@ -1070,6 +1072,9 @@ def main(argv: list[str] | None = None) -> int:
         help="vLLM's share (baseline and engine mode: default 0.9; the CLI product: its own default)",
     )
     ap.add_argument("--render-workers", type=int, default=max(2, (os.cpu_count() or 4) - 4))
+    ap.add_argument(
+        "--batch-pages", type=int, help="the product's in-flight window (default: the product's own)"
+    )
     ap.add_argument("--product", choices=("cli", "engine", "none"), default="cli")
     ap.add_argument("--baseline", choices=("on", "off"), default="on")
     ap.add_argument("--guard-ab", action="store_true", help="engine mode: rerun the pages with the guard off")
