@@ -168,6 +168,30 @@ def test_prepare_image_shapes_and_values() -> None:
     assert small.crops.shape == (0, 3, 640, 640) and small.tiles == (1, 1)
 
 
+@pytest.mark.parametrize("size", [(1191, 1684), (1684, 1191), (2000, 700), (700, 1500)])
+def test_prepare_image_equals_the_per_tile_pil_path(size: tuple[int, int]) -> None:
+    """The vectorised tiles and global view equal upstream's sequence of PIL operations (resize to
+    the grid, crop each tile row by row, pad the global view), converted one image at a time."""
+    from PIL import Image, ImageOps
+
+    from runner.vllm_plugin.preprocess import tile_grid
+
+    rng = np.random.default_rng(sum(size))
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+    p = prepare_image(img, GUNDAM)
+    wt, ht = tile_grid(*size, GUNDAM)
+    assert p.tiles == (wt, ht) and (wt, ht) != (1, 1)
+    resized = img.resize((640 * wt, 640 * ht))
+    want = [
+        BF16_LUT[np.asarray(resized.crop((x, y, x + 640, y + 640))).transpose(2, 0, 1)]
+        for i in range(wt * ht)
+        for x, y in [((i % wt) * 640, (i // wt) * 640)]
+    ]
+    assert p.crops.flags.c_contiguous and np.array_equal(p.crops, np.stack(want))
+    pad = ImageOps.pad(img, (1024, 1024), color=(127, 127, 127))
+    assert np.array_equal(p.global_view, BF16_LUT[np.asarray(pad).transpose(2, 0, 1)])
+
+
 def _dummy_model_dir(name: str) -> Path | None:
     for base in (os.environ.get("OCR_DUMMY_MODELS"), str(ROOT / ".gpu_carry" / "models")):
         if base and (Path(base) / name / "tokenizer.json").is_file():
@@ -330,7 +354,7 @@ def test_submitted_pages_drop_their_views_but_keep_pixels_for_a_resend(
     what lets a second batch wait in the engine within the host's memory."""
     import time
 
-    eng, fake = _fake_engine(tmp_path, monkeypatch)
+    eng, _ = _fake_engine(tmp_path, monkeypatch)
     reqs = [_req(i) for i in range(3)]
     for r in reqs:
         r.image.extra["hook"] = object()

