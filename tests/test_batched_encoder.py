@@ -288,6 +288,8 @@ class _RecordingUpstream:
     """Stands in for upstream's ``embed_multimodal``: it accepts only stacked tensors (upstream
     calls ``torch.sum`` on them) and returns one embedding per image, derived from its tensors."""
 
+    view_seperator = torch.zeros(4)  # upstream's parameter (its dtype is the model's)
+
     def __init__(self) -> None:
         self.calls: list[int] = []
 

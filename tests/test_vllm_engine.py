@@ -14,10 +14,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from runner.config import EngineConfig, RunConfig
 from runner.engines.base import EngineUnavailable
-from runner.vllm_plugin.preprocess import BF16_LUT, ViewSpec, num_image_tokens, prepare_image, tile_grid
+from runner.vllm_plugin.preprocess import (
+    BF16_LUT,
+    ViewSpec,
+    as_bf16_tensor,
+    num_image_tokens,
+    prepare_image,
+    tile_grid,
+)
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,14 +164,16 @@ def test_tiles_and_token_counts(
 def test_prepare_image_shapes_and_values() -> None:
     img = _page(1191, 1684)
     p = prepare_image(img, GUNDAM)
-    assert p.global_view.shape == (3, 1024, 1024) and p.global_view.dtype == np.uint16
-    assert p.crops.shape == (6, 3, 640, 640)
+    # the views travel as uint8 pixels; the model side normalises them (pixels_to_model_dtype)
+    assert p.global_view.shape == (3, 1024, 1024) and p.global_view.dtype == np.uint8
+    assert p.crops.shape == (6, 3, 640, 640) and p.crops.dtype == np.uint8
     assert p.tiles == (2, 3) and p.num_image_tokens == 903
     # the padding of the global view is colour 127 -> bf16 of (127/255 - .5)/.5
-    assert p.global_view[0, 0, 0] == BF16_LUT[127]
+    assert p.global_view[0, 0, 0] == 127
+    assert as_bf16_tensor(p.global_view)[0, 0, 0].view(torch.int16).item() == BF16_LUT[127].astype(np.int16)
     # first tile = top-left of the image resized to the 2x3 grid
     resized = np.asarray(img.resize((1280, 1920)))[:640, :640]
-    assert np.array_equal(p.crops[0], BF16_LUT[resized.transpose(2, 0, 1)])
+    assert np.array_equal(p.crops[0], resized.transpose(2, 0, 1))
     small = prepare_image(_page(500, 400), GUNDAM)
     assert small.crops.shape == (0, 3, 640, 640) and small.tiles == (1, 1)
 
@@ -183,13 +193,40 @@ def test_prepare_image_equals_the_per_tile_pil_path(size: tuple[int, int]) -> No
     assert p.tiles == (wt, ht) and (wt, ht) != (1, 1)
     resized = img.resize((640 * wt, 640 * ht))
     want = [
-        BF16_LUT[np.asarray(resized.crop((x, y, x + 640, y + 640))).transpose(2, 0, 1)]
+        np.asarray(resized.crop((x, y, x + 640, y + 640))).transpose(2, 0, 1)
         for i in range(wt * ht)
         for x, y in [((i % wt) * 640, (i // wt) * 640)]
     ]
     assert p.crops.flags.c_contiguous and np.array_equal(p.crops, np.stack(want))
     pad = ImageOps.pad(img, (1024, 1024), color=(127, 127, 127))
-    assert np.array_equal(p.global_view, BF16_LUT[np.asarray(pad).transpose(2, 0, 1)])
+    assert p.global_view.flags.c_contiguous
+    assert np.array_equal(p.global_view, np.asarray(pad).transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_uint8_views_normalise_to_upstreams_values(dtype: str) -> None:
+    """The model-side normalisation of the uint8 views (``pixels_to_model_dtype``) gives what
+    upstream's processor computes in float32, cast to the model's dtype as vLLM does; float
+    inputs (vLLM's profiling) pass unchanged; lists (mixed view sizes) convert per tensor."""
+    from runner.vllm_plugin.batched_encoder import _LUT_CHUNK, pixels_to_model_dtype
+
+    dt = getattr(torch, dtype)
+    u = torch.arange(256, dtype=torch.uint8)
+    want = (((u.float() / 255.0) - 0.5) / 0.5).to(dt)
+    out = pixels_to_model_dtype({"pixel_values": u.view(1, 1, 16, 16)}, dt)["pixel_values"]
+    assert out.dtype == dt and torch.equal(out.reshape(-1), want)
+    if dt == torch.bfloat16:  # the render workers' table and the CPU path agree bit for bit
+        assert np.array_equal(out.view(torch.int16).reshape(-1).numpy().view(np.uint16), BF16_LUT)
+        assert torch.equal(as_bf16_tensor(u.numpy()), out.reshape(-1))
+    # a tensor larger than one lookup chunk, a list, and a float tensor left as it is
+    big = torch.randint(0, 256, (_LUT_CHUNK + 1000,), dtype=torch.uint8)
+    crops = [big[:5000].view(2, 50, 50), big[5000:5300].view(3, 10, 10)]
+    flt = torch.randn(1, 3, 4, 4, dtype=dt)
+    res = pixels_to_model_dtype({"pixel_values": flt, "images_crop": crops, "images_spatial_crop": u}, dt)
+    assert res["pixel_values"] is flt and res["images_spatial_crop"] is u
+    assert [torch.equal(a, want[b.long()]) for a, b in zip(res["images_crop"], crops)] == [True, True]
+    whole = pixels_to_model_dtype({"images_crop": big}, dt)["images_crop"]
+    assert torch.equal(whole, want[big.long()])
 
 
 def _dummy_model_dir(name: str) -> Path | None:
@@ -214,6 +251,7 @@ def test_prepared_tensors_equal_vllm_processor(model: str, spec: ViewSpec) -> No
     from transformers import AutoTokenizer
     from vllm.transformers_utils.processors.deepseek_ocr import DeepseekOCRProcessor
 
+    from runner.vllm_plugin.batched_encoder import pixels_to_model_dtype
     from runner.vllm_plugin.fast_processor import _prepared_token_count, prepared_to_mm_data
 
     mdir = _dummy_model_dir(model)
@@ -227,7 +265,9 @@ def test_prepared_tensors_equal_vllm_processor(model: str, spec: ViewSpec) -> No
     for k, (w, h) in enumerate([(1191, 1684), (1684, 1191), (700, 600), (2000, 900)]):
         img = _page(w, h, seed=k)
         ref = proc(prompt=prompt, images=[img], crop_mode=spec.crop_mode)
-        mine = prepared_to_mm_data(prepare_image(img, spec))
+        raw = prepared_to_mm_data(prepare_image(img, spec))
+        assert raw["pixel_values"].dtype == torch.uint8  # normalised in the model, on the GPU
+        mine = {**raw, **pixels_to_model_dtype(raw, torch.bfloat16)}
         assert torch.equal(mine["pixel_values"], ref["pixel_values"].to(torch.bfloat16))
         assert torch.equal(mine["images_crop"], ref["images_crop"].to(torch.bfloat16))
         assert torch.equal(mine["images_spatial_crop"], ref["images_spatial_crop"])

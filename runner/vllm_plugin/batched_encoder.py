@@ -105,6 +105,44 @@ def _traced(fn: Any, kwargs: dict[str, Any]) -> Any:
     return out
 
 
+PIXEL_FIELDS = ("pixel_values", "images_crop")
+_LUT_CHUNK = 1 << 23  # elements per lookup: bounds the int64 index temporary to 64 MB
+_luts: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def pixels_to_model_dtype(kwargs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """The views as the model takes them. Our requests carry uint8 pixels (``preprocess``: half
+    the bytes of bfloat16 through vLLM's serialisation, pinned-memory batching and host-to-device
+    copy); here, on the GPU, each byte becomes upstream's ``(x / 255 - 0.5) / 0.5`` in float32
+    cast to the model's dtype, by table lookup: the very values vLLM's processor + its cast give.
+    Float tensors (vLLM's own profiling inputs, made by upstream's processor) pass unchanged;
+    lists (a batch whose shapes differ) are converted per tensor."""
+    out = dict(kwargs)
+    for key in PIXEL_FIELDS:
+        v = kwargs.get(key)
+        if isinstance(v, torch.Tensor):
+            out[key] = _normalise(v, dtype)
+        elif isinstance(v, (list, tuple)):
+            out[key] = [_normalise(t, dtype) if isinstance(t, torch.Tensor) else t for t in v]
+    return out
+
+
+def _normalise(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if t.dtype != torch.uint8:
+        return t
+    key = (t.device, dtype)
+    lut = _luts.get(key)
+    if lut is None:  # once per device and dtype: a copy to the GPU from pageable memory waits
+        from runner.vllm_plugin.preprocess import NORM_LUT
+
+        lut = _luts[key] = torch.from_numpy(NORM_LUT).to(t.device).to(dtype)
+    out = torch.empty(t.shape, dtype=dtype, device=t.device)
+    src, dst = t.reshape(-1), out.view(-1)
+    for i in range(0, src.numel(), _LUT_CHUNK):
+        dst[i : i + _LUT_CHUNK] = lut[src[i : i + _LUT_CHUNK].long()]
+    return out
+
+
 def uniform_groups(kwargs: dict[str, Any]) -> list[dict[str, Any]] | None:
     """Split one encoder batch into runs of consecutive images whose tensors stack, or None when
     it already stacks (the normal case).
@@ -160,8 +198,10 @@ class _BatchedEncoderMixin:
     view_seperator: torch.Tensor  # upstream's spelling
 
     def embed_multimodal(self, **kwargs: Any) -> Any:
-        """Upstream's, once per run of images whose tensors stack (``uniform_groups``); with
+        """Upstream's, on the views normalised here (``pixels_to_model_dtype``: our requests carry
+        uint8 pixels), once per run of images whose tensors stack (``uniform_groups``); with
         ``RUNNER_MEMORY_TRACE=1`` each call's memory is logged (``_traced``)."""
+        kwargs = pixels_to_model_dtype(kwargs, self.view_seperator.dtype)
         if os.environ.get("RUNNER_MEMORY_TRACE") == "1" and torch.cuda.is_available():
             return _traced(self._embed_groups, kwargs)
         return self._embed_groups(kwargs)

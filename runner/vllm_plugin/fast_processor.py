@@ -56,7 +56,7 @@ from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 from runner.vllm_plugin.batched_encoder import BatchedOCR2Mixin, BatchedOCRMixin, crops_per_image
 from runner.vllm_plugin.encoder_mask import patch_encoder_mask
 from runner.vllm_plugin.memory_cap import apply_from_env as apply_memory_cap
-from runner.vllm_plugin.preprocess import ViewSpec, as_bf16_tensor, num_image_tokens
+from runner.vllm_plugin.preprocess import ViewSpec, num_image_tokens
 from runner.vllm_plugin.sam_attention import patch_sam_attention
 
 _log = logging.getLogger("vllm.deepseek_ocr_pipeline")
@@ -220,8 +220,10 @@ def register() -> None:
 
 
 def prepared_to_mm_data(prepared: Any) -> dict[str, torch.Tensor]:
-    """``PreparedImage`` (numpy bf16 bit patterns) -> the tensors dict the parser accepts (no copy)."""
-    g = as_bf16_tensor(prepared.global_view).unsqueeze(0)
-    c = as_bf16_tensor(prepared.crops)
+    """``PreparedImage`` (the views' uint8 pixels) -> the tensors dict the parser accepts (no
+    copy). They stay uint8 up to the model, which normalises them on the GPU
+    (``batched_encoder.pixels_to_model_dtype``)."""
+    g = torch.from_numpy(prepared.global_view).unsqueeze(0)
+    c = torch.from_numpy(prepared.crops)
     s = torch.tensor([list(prepared.tiles)], dtype=torch.long)
     return {"pixel_values": g, "images_crop": c, "images_spatial_crop": s}

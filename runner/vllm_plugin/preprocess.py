@@ -8,14 +8,15 @@ ready buffers:
 
 - the same PIL operations in the same order (``ImageOps.pad`` global view, ``resize`` + ``crop``
   tiles, the same tile-grid choice), so the uint8 pixels are identical;
-- normalisation ``(x / 255 - 0.5) / 0.5`` in float32 followed by the cast to bfloat16 that vLLM
-  applies to processor outputs (``InputProcessingContext.call_hf_processor``), done as one
-  256-entry lookup table on the uint8 pixels (exact: the value depends only on the byte);
-- the result stays in numpy ``uint16`` (bfloat16 bit patterns), half the bytes of float32, and is
-  viewed as a bfloat16 tensor without a copy on the engine side.
+- the views travel as those uint8 pixels (CHW): half the bytes of bfloat16 through shared
+  memory, vLLM's request serialisation, its pinned-memory batching and the copy to the GPU. The
+  model side (``batched_encoder.pixels_to_model_dtype``) maps them to
+  ``(x / 255 - 0.5) / 0.5`` in float32 followed by the cast that vLLM applies to processor
+  outputs (bfloat16), as one 256-entry table (``NORM_LUT``; exact: the value depends only on the
+  byte). ``as_bf16_tensor`` does the same on the CPU (the Transformers engine).
 
 This module imports only numpy and PIL (no torch, no vLLM): it runs inside render workers.
-Equality with vLLM's processor is checked on the GPU machine (``tools/bench.py --check-preprocess``)
+Equality with vLLM's processor is checked on the GPU machine
 and in ``tests/test_vllm_engine.py`` where vLLM imports.
 """
 
@@ -54,10 +55,10 @@ class ViewSpec:
 
 @dataclass(frozen=True)
 class PreparedImage:
-    """Model inputs for one page image, as bfloat16 bit patterns (numpy uint16, CHW)."""
+    """Model inputs for one page image, as the views' uint8 pixels (CHW), before normalisation."""
 
-    global_view: np.ndarray  # (3, base, base) uint16
-    crops: np.ndarray  # (k, 3, image_size, image_size) uint16; k = 0 when not tiled
+    global_view: np.ndarray  # (3, base, base) uint8
+    crops: np.ndarray  # (k, 3, image_size, image_size) uint8; k = 0 when not tiled
     tiles: tuple[int, int]  # (width tiles, height tiles); (1, 1) when not tiled
     spec: ViewSpec
     source_size: tuple[int, int]  # (width, height) of the page image
@@ -73,23 +74,31 @@ def view_spec(adapter: Any, resolution: str | None) -> ViewSpec:
     return ViewSpec(r.base_size, r.image_size, r.crop_mode, "v2" if adapter.key == "deepseek-ocr-2" else "v1")
 
 
-def as_bf16_tensor(bits: np.ndarray) -> Any:
-    """bfloat16 bit patterns (numpy uint16) as a torch bfloat16 tensor, without a copy (the
-    engine side: torch is imported here, not at module level)."""
+def as_bf16_tensor(pixels: np.ndarray) -> Any:
+    """A view's uint8 pixels as the normalised torch bfloat16 tensor the model takes (CPU, one
+    table lookup; torch is imported here, not at module level). bfloat16 bit patterns (uint16)
+    are viewed without a copy."""
     import torch
 
+    bits = BF16_LUT[pixels] if pixels.dtype == np.uint8 else pixels
     return torch.from_numpy(bits).view(torch.bfloat16)
 
 
-def _bf16_lut() -> np.ndarray:
+def _norm_lut() -> np.ndarray:
+    """Upstream's normalisation of each byte value, in float32 as its processor computes it."""
     u = np.arange(256, dtype=np.float32)
-    f = ((u / np.float32(255.0)) - np.float32(0.5)) / np.float32(0.5)
+    return ((u / np.float32(255.0)) - np.float32(0.5)) / np.float32(0.5)
+
+
+def _bf16_bits(f: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns, round to nearest even (torch's cast)."""
     bits = f.view(np.uint32)
     rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
     return rounded.astype(np.uint16)
 
 
-BF16_LUT = _bf16_lut()
+NORM_LUT = _norm_lut()  # float32, indexed by byte value
+BF16_LUT = _bf16_bits(NORM_LUT)  # the same as bfloat16 bit patterns
 
 
 def calculate_aspect_ratios(min_num: int = MIN_CROPS, max_num: int = MAX_CROPS) -> list[tuple[int, int]]:
@@ -141,22 +150,19 @@ def num_image_tokens(spec: ViewSpec, tiles: tuple[int, int]) -> int:
     return n
 
 
-def _to_bf16_chw(img: Any) -> np.ndarray:
-    """(3, H, W) bf16 bit patterns of an RGB image: the uint8 pixels transposed first (one byte
-    per element to move), then one table lookup on contiguous indices (~25% faster than indexing
-    the table with the transposed view, same values)."""
-    arr = np.asarray(img, dtype=np.uint8)  # (H, W, 3)
-    return np.take(BF16_LUT, np.ascontiguousarray(arr.transpose(2, 0, 1)))
+def _to_chw(img: Any) -> np.ndarray:
+    """(3, H, W) uint8 pixels of an RGB image."""
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
 
 
-def _tiles_bf16(resized: Any, tiles: tuple[int, int], size: int) -> np.ndarray:
-    """(wt*ht, 3, size, size) bf16 bit patterns of the tiles of ``resized`` (an RGB image of
-    exactly wt*size x ht*size), row by row as upstream crops them: one reshape of the uint8 pixels
-    and one table lookup instead of a PIL crop, a conversion and a lookup per tile."""
+def _tiles(resized: Any, tiles: tuple[int, int], size: int) -> np.ndarray:
+    """(wt*ht, 3, size, size) uint8 tiles of ``resized`` (an RGB image of exactly wt*size x
+    ht*size), row by row as upstream crops them: one reshape of the pixels instead of a PIL crop
+    and a conversion per tile."""
     wt, ht = tiles
     arr = np.asarray(resized, dtype=np.uint8)  # (ht*size, wt*size, 3)
     grid = arr.reshape(ht, size, wt, size, 3).transpose(0, 2, 4, 1, 3)  # (ht, wt, 3, y, x)
-    return np.take(BF16_LUT, np.ascontiguousarray(grid).reshape(wt * ht, 3, size, size))
+    return np.ascontiguousarray(grid).reshape(wt * ht, 3, size, size)
 
 
 def prepare_image(image: Any, spec: ViewSpec) -> PreparedImage:
@@ -169,12 +175,12 @@ def prepare_image(image: Any, spec: ViewSpec) -> PreparedImage:
     tiles = tile_grid(width, height, spec)
     if spec.crop_mode and tiles != (1, 1):
         tw, th = spec.image_size * tiles[0], spec.image_size * tiles[1]
-        c = _tiles_bf16(image.resize((tw, th)), tiles, spec.image_size)
+        c = _tiles(image.resize((tw, th)), tiles, spec.image_size)
     else:
-        c = np.zeros((0, 3, spec.image_size, spec.image_size), dtype=np.uint16)
+        c = np.zeros((0, 3, spec.image_size, spec.image_size), dtype=np.uint8)
     view_src = image if spec.crop_mode else image.resize((spec.image_size, spec.image_size))
     global_view = ImageOps.pad(view_src, (spec.base_size, spec.base_size), color=PAD_COLOR)
-    g = _to_bf16_chw(global_view)
+    g = _to_chw(global_view)
     return PreparedImage(global_view=g, crops=c, tiles=tiles, spec=spec, source_size=(width, height))
 
 
