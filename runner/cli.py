@@ -70,7 +70,8 @@ def build_parser(default_engine: str = "vllm") -> argparse.ArgumentParser:
         "--batch-pages",
         type=int,
         default=None,
-        help="pages in flight (rendering + engine); default 512 for vllm, 16 otherwise",
+        help="pages in flight (rendering + engine); default for vllm: a running batch "
+        "(--max-num-seqs) plus a queued one, within 30%% of the host's free memory; 16 otherwise",
     )
     io.add_argument("--force", action="store_true", help="redo PDFs that already have a done marker")
     io.add_argument("--log-file", help="default: tmp_pdf_runs/logs/run-<time>.log")
