@@ -122,34 +122,11 @@ def test_inflight_window_is_the_cli_default_for_vllm(monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(profiles, "inflight_window", fake)
     monkeypatch.setenv("RUNNER_WORKERS_ON_HOST", "4")
-    args = cli.build_parser().parse_args(
-        [
-            "--input-dir",
-            ".",
-            "--output-dir",
-            "o",
-            "--engine",
-            "vllm",
-            "--max-num-seqs",
-            "100",
-            "--profile",
-            "default",
-        ]
-    )
-    cfg = cli.config_from_args(args, ("a.pdf",), ".")
+
+    def config(*extra: str) -> object:
+        base = ["--input-dir", ".", "--output-dir", "o", "--engine", "vllm", "--profile", "default"]
+        return cli.config_from_args(cli.build_parser().parse_args([*base, *extra]), ("a.pdf",), ".")
+
+    cfg = config("--max-num-seqs", "100")
     assert cfg.batch_pages == 777 and seen == {"seqs": 100, "dpi": 144.0, "workers": 4}
-    args = cli.build_parser().parse_args(
-        [
-            "--input-dir",
-            ".",
-            "--output-dir",
-            "o",
-            "--engine",
-            "vllm",
-            "--batch-pages",
-            "9",
-            "--profile",
-            "default",
-        ]
-    )
-    assert cli.config_from_args(args, ("a.pdf",), ".").batch_pages == 9
+    assert config("--batch-pages", "9").batch_pages == 9
