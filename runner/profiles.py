@@ -213,11 +213,12 @@ WORKERS_ON_HOST_ENV = "RUNNER_WORKERS_ON_HOST"  # set by the --gpus launcher: wo
 
 def page_host_bytes(dpi: float, base_size: int = 1024, image_size: int = 640, crops: int = 6) -> int:
     """Host memory one rendered page holds while it waits for the engine: its pixels (an A4 page
-    at ``dpi``, kept by the CLI for a resend after an engine restart) and its views' uint8 pixels
-    (kept by vLLM's engine core until the page is scheduled)."""
+    at ``dpi``) and its views' uint8 pixels, both kept by the CLI until the page's record is final
+    (a retry or a resend after an engine restart reuses them), and the views once more in vLLM's
+    engine core until the page is scheduled."""
     pixels = round(8.27 * dpi) * round(11.69 * dpi) * 3
     views = (base_size * base_size + crops * image_size * image_size) * 3
-    return int(pixels + views)
+    return int(pixels + 2 * views)
 
 
 def mem_available_bytes() -> int | None:

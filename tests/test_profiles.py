@@ -96,14 +96,14 @@ def test_inflight_window_queues_a_second_batch_when_the_host_has_room(
     from runner import profiles
     from runner.profiles import inflight_window, page_host_bytes
 
-    per_page = page_host_bytes(144.0)  # A4 at 144 dpi + Gundam views (uint8): ~16 MiB
-    assert 15 * 2**20 < per_page < 17 * 2**20
+    per_page = page_host_bytes(144.0)  # A4 at 144 dpi + Gundam views (uint8) twice: ~26 MiB
+    assert 25 * 2**20 < per_page < 27 * 2**20
     # GPU session 9's host: ~120 GiB available, two workers: a whole second batch each
     window, why = inflight_window(384, 144.0, workers_on_host=2, mem_available=120 * GIB)
     assert window == 2 * 384 and "2 workers" in why
     # a small host: as many as 30% of its memory holds, never less than the old quarter batch
-    window, _ = inflight_window(512, 144.0, mem_available=16 * GIB)
-    assert window == 512 + int(0.3 * 16 * GIB / per_page) < 1024
+    window, _ = inflight_window(512, 144.0, mem_available=32 * GIB)
+    assert window == 512 + int(0.3 * 32 * GIB / per_page) < 1024
     window, _ = inflight_window(512, 144.0, mem_available=4 * GIB)
     assert window == 512 + 128
     monkeypatch.setattr(profiles, "mem_available_bytes", lambda: None)  # not Linux

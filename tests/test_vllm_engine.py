@@ -386,28 +386,6 @@ def test_feeding_thread_streams_outputs(tmp_path: Path, monkeypatch: pytest.Monk
     eng._stop.set()
 
 
-def test_submitted_pages_drop_their_views_but_keep_pixels_for_a_resend(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Once vLLM has a page, the CLI no longer holds its ~21 MB of preprocessed views (the
-    engine core has its own copy; a resend after a restart prepares them again from the pixels):
-    what lets a second batch wait in the engine within the host's memory."""
-    import time
-
-    eng, _ = _fake_engine(tmp_path, monkeypatch)
-    reqs = [_req(i) for i in range(3)]
-    for r in reqs:
-        r.image.extra["hook"] = object()
-    eng.submit(reqs)
-    got = []
-    t0 = time.time()
-    while len(got) < 3 and time.time() - t0 < 10:
-        got += eng.poll(0.1)
-    assert len(got) == 3
-    assert all("hook" not in r.image.extra and r.image.pixels for r in reqs)
-    eng._stop.set()
-
-
 def test_dead_engine_raises_engine_died(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import time
 

@@ -691,12 +691,6 @@ class VllmEngine:
             try:
                 prompt, params = self._make_request(item)
                 engine.add_request(item.request_id, prompt, params)
-                # vLLM's engine core has its own copy now; the CLI keeps the page (pixels) only
-                # for a resend after an engine restart, which prepares the views again. Not
-                # keeping ~21 MB of views per queued page is what lets a whole second batch
-                # wait in the engine (profiles.inflight_window).
-                if item.image_override is None:
-                    item.image.extra.pop("hook", None)
             except Exception as e:  # a request vLLM refuses (or that cannot be prepared) fails alone
                 log.warning("request %s refused: %s: %s", item.request_id, type(e).__name__, e)
                 self._fail(item, f"{type(e).__name__}: {e}")
