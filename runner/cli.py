@@ -232,13 +232,10 @@ def _name_value(text: str) -> tuple[str, str]:
 
 
 def _vllm_window(ec: EngineConfig, dpi: float) -> int:
-    from runner.profiles import WORKERS_ON_HOST_ENV, inflight_window
+    from runner.launcher import workers_on_host
+    from runner.profiles import inflight_window
 
-    try:
-        peers = max(1, int(os.environ.get(WORKERS_ON_HOST_ENV, "1")))
-    except ValueError:
-        peers = 1
-    window, why = inflight_window(ec.max_num_seqs, dpi, peers)
+    window, why = inflight_window(ec.max_num_seqs, dpi, workers_on_host())
     log.info("in-flight window: %d pages (%s)", window, why)
     return window
 

@@ -41,13 +41,23 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 GPU_PEERS_ENV = "RUNNER_ENGINE_GPU_PEERS"  # how many engines share the worker's GPU
 
 
+def _env_count(name: str) -> int:
+    """A count this launcher gives its workers in the environment; 1 when absent or not a number."""
+    try:
+        return max(1, int(os.environ.get(name, "1")))
+    except ValueError:
+        return 1
+
+
 def gpu_peers() -> int:
     """How many engines share this worker's GPU (``--engines-per-gpu``; 1 unless this launcher
     started the worker with more)."""
-    try:
-        return max(1, int(os.environ.get(GPU_PEERS_ENV, "1")))
-    except ValueError:
-        return 1
+    return _env_count(GPU_PEERS_ENV)
+
+
+def workers_on_host() -> int:
+    """How many workers this launcher started on this host (they share its memory)."""
+    return _env_count(WORKERS_ON_HOST_ENV)
 
 
 # Totals that are meaningful when summed across shards; rates and ratios are recomputed instead.
