@@ -76,12 +76,10 @@ def view_spec(adapter: Any, resolution: str | None) -> ViewSpec:
 
 def as_bf16_tensor(pixels: np.ndarray) -> Any:
     """A view's uint8 pixels as the normalised torch bfloat16 tensor the model takes (CPU, one
-    table lookup; torch is imported here, not at module level). bfloat16 bit patterns (uint16)
-    are viewed without a copy."""
+    table lookup; torch is imported here, not at module level)."""
     import torch
 
-    bits = BF16_LUT[pixels] if pixels.dtype == np.uint8 else pixels
-    return torch.from_numpy(bits).view(torch.bfloat16)
+    return torch.from_numpy(BF16_LUT[pixels]).view(torch.bfloat16)
 
 
 def _norm_lut() -> np.ndarray:
