@@ -146,6 +146,26 @@ def test_engines_per_gpu_split_the_memory_share_and_share_a_start_lock(tmp_path)
         plan_workers([], ["0"], ("py",), engines_per_gpu=0)
 
 
+def test_workers_on_one_host_get_a_share_of_the_cores_for_torch_threads(monkeypatch) -> None:
+    """Several engine processes on one host each get OMP_NUM_THREADS (a quarter of their share of
+    the cores), unless the operator set it; one worker keeps the process default."""
+    from runner.launcher import worker_torch_threads
+
+    assert worker_torch_threads(2, environ={}, cores=32) == "4"
+    assert worker_torch_threads(8, environ={}, cores=96) == "3"
+    assert worker_torch_threads(4, environ={}, cores=8) == "1"
+    assert worker_torch_threads(1, environ={}, cores=32) is None
+    assert worker_torch_threads(2, environ={"OMP_NUM_THREADS": "8"}, cores=32) is None
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    specs = plan_workers(["--output-dir", "o"], ["0", "1"], ("py",))
+    assert len({dict(s.env).get("OMP_NUM_THREADS") for s in specs}) == 1
+    assert int(dict(specs[0].env)["OMP_NUM_THREADS"]) >= 1
+    [one] = plan_workers(["--output-dir", "o"], ["0"], ("py",))
+    assert "OMP_NUM_THREADS" not in dict(one.env)
+    monkeypatch.setenv("OMP_NUM_THREADS", "6")
+    assert all("OMP_NUM_THREADS" not in dict(s.env) for s in plan_workers([], ["0", "1"], ("py",)))
+
+
 def test_engine_start_lock_serialises_engines_sharing_a_gpu(tmp_path) -> None:
     """Two processes holding RUNNER_ENGINE_START_LOCK never start at the same time."""
     import subprocess

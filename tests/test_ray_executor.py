@@ -405,6 +405,43 @@ def test_run_ray_entry_point_connects_and_reports(cluster, tmp_path):
     assert res.summary["engine_requests_retried"] == 0 and res.summary["render_tasks_retried"] == 0
 
 
+def test_render_workers_boot_while_the_engine_loads(cluster):
+    """The pool's warm-up starts at construction (the pipeline builds the pool, then starts the
+    engine), so ``wait_ready`` after a long engine start-up returns at once, and the deadline grace
+    is the workers' boot time, not the engine's start-up."""
+    from runner.executors.ray_render import RayRenderPool
+
+    t0 = time.monotonic()
+    pool = RayRenderPool(workers=2, mem_limit_mb=2048)
+    try:
+        while len(pool._warm_done) < 2 and time.monotonic() - t0 < 120:  # nobody waits on them
+            time.sleep(0.05)
+        booted = time.monotonic() - t0
+        assert len(pool._warm_done) == 2, "warm-up tasks did not run before wait_ready"
+        time.sleep(1.5)  # the "engine start-up"
+        t1 = time.monotonic()
+        pool.wait_ready()
+        assert time.monotonic() - t1 < 1.0
+        assert pool.startup_grace_s <= max(5.0, booted + 0.2)
+    finally:
+        pool.close()
+
+
+def test_local_model_folder_reaches_actors_as_an_absolute_path(tmp_path, monkeypatch):
+    """Actors may not share the driver's working directory: a relative local model folder (the
+    GPU bench passes one) is made absolute; a hub id stays as given."""
+    from runner.config import EngineConfig
+    from runner.executors.ray_executor import with_absolute_model_paths
+
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    rel = _config(tmp_path, tmp_path / "out", engine_config=EngineConfig(model="models/tiny", cache_dir="hf"))
+    got = with_absolute_model_paths(rel).engine_config
+    assert (got.model, got.cache_dir) == (str(tmp_path / "models" / "tiny"), str(tmp_path / "hf"))
+    hub = _config(tmp_path, tmp_path / "out", engine_config=EngineConfig(model="deepseek-ai/DeepSeek-OCR-2"))
+    assert with_absolute_model_paths(hub) is hub
+
+
 def test_options_validation():
     with pytest.raises(ValueError):
         RayOptions(engine_actors=0)

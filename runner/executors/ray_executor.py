@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -176,6 +176,18 @@ def make_pipeline(
     return pipe, factory, pools
 
 
+def with_absolute_model_paths(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with a local ``--model`` folder and ``--cache-dir`` made absolute: engine actors do
+    not necessarily share the driver's working directory, and a relative folder would then read as
+    a hub id there. Hub ids and absent paths are left as given."""
+    ec = cfg.engine_config
+    model = str(Path(ec.model).expanduser().resolve()) if Path(ec.model).expanduser().is_dir() else ec.model
+    cache = str(Path(ec.cache_dir).expanduser().resolve()) if ec.cache_dir else ec.cache_dir
+    if (model, cache) == (ec.model, ec.cache_dir):
+        return cfg
+    return replace(cfg, engine_config=replace(ec, model=model, cache_dir=cache))
+
+
 def run_ray(
     cfg: RunConfig,
     docs: list[InputDoc],
@@ -193,6 +205,7 @@ def run_ray(
     import ray
 
     options = options or RayOptions()
+    cfg = with_absolute_model_paths(cfg)
     connected = init_ray(options)
     try:
         pipe, factory, pools = make_pipeline(cfg, inputs, outputs, progress, options, engine_factory)
