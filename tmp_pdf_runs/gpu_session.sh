@@ -165,6 +165,7 @@ for step in "$@"; do
     x2one) x2 1 one ;;            # one GPU alone, PPG pages (~3-4 min)
     x2gpus) x2 gpus gpus ;;       # --gpus 0,1, 2*PPG pages (~3-4 min); scaling vs x2one's line
     x2ray) x2 ray ray ;;          # --executor ray, 2*PPG pages (~4 min); ray_vs_gpus vs x2gpus's line
+    x2gr) x2 gpus,ray gr ;;       # --gpus 0,1 then Ray in one call: ray_vs_gpus from the same call (~6 min)
     x2all) x2 1,gpus all ;;       # one GPU then --gpus 0,1 in one call (~6-8 min; --deadline-s skips what cannot fit)
     pack) log pack; tar czf "$OUT/logs.tgz" /tmp/b*/*.log /tmp/smoke_*.log /tmp/smoke_*.out /tmp/rt.log /tmp/rt.out /tmp/smoke_*/_run_summary.json /tmp/smoke_deepseek-ocr_clean/*.md 2>/dev/null; ls -la "$OUT" ;;
     *) echo "unknown step $step" ;;
