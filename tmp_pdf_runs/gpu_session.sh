@@ -160,7 +160,7 @@ for step in "$@"; do
           PYTHONPATH=$TFP timeout 120 python3 tools/check_hf_ocr1.py hf --work /tmp/ck1 --jsonl "$OUT/benchmarks.jsonl" 2>&1 | tail -2 | cut -c1-1500
           PYTHONPATH=$TFP timeout -k 10 ${HFTO:-200} python3 tools/bench_hf.py --model deepseek-ocr --pages ${HFPAGES:-4} \
             --max-tokens ${HFTOK:-512} --hf-batch-size ${HFB:-4} --shared-models .gpu_carry/hf_bench/models --jsonl "$OUT/benchmarks.jsonl" 2>&1 | tail -3 | cut -c1-1500 ;;
-    x2info) log x2info; nvidia-smi -L; nproc; free -g | head -2; df -h /dev/shm | tail -1
+    x2info) log x2info; nvidia-smi -L; nproc; free -g | head -2; df -h /dev/shm | tail -1; lscpu | grep -E "^(Model name|Socket|Core|Thread|NUMA)" ; nvidia-smi topo -m | head -4
           bash tmp_pdf_runs/ray_deps_fallback.sh .stage_ray/fallback ;;
     x2one) x2 1 one ;;            # one GPU alone, PPG pages (~3-4 min)
     x2gpus) x2 gpus gpus ;;       # --gpus 0,1, 2*PPG pages (~3-4 min); scaling vs x2one's line
