@@ -259,9 +259,10 @@ class RayRenderPool:
     def close(self) -> None:
         import ray
 
-        for ref in list(self._running):
+        for ref in [*self._running, *self._warm_refs]:
             with contextlib.suppress(ray.exceptions.RayError, ValueError):
                 ray.cancel(ref, force=True)
+        self._warm_refs = []
         self._running.clear()
         self._queue.clear()
         self._docs.clear()
