@@ -436,6 +436,10 @@ def main(argv: list[str] | None = None, *, default_engine: str = "vllm") -> int:
     if args.engines_per_gpu != 1 and not args.gpus:
         print("error: --engines-per-gpu needs --gpus (the launcher starts the engines)", file=sys.stderr)
         return EXIT_USAGE
+    if not args.gpus:
+        from runner.launcher import apply_cpu_set
+
+        apply_cpu_set()  # a launcher worker with RUNNER_PIN_WORKERS=1: its own cores, before any child
     if args.gpus:
         from runner.launcher import run_multi_gpu
 

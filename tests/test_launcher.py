@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -164,6 +165,46 @@ def test_workers_on_one_host_get_a_share_of_the_cores_for_torch_threads(monkeypa
     assert "OMP_NUM_THREADS" not in dict(one.env)
     monkeypatch.setenv("OMP_NUM_THREADS", "6")
     assert all("OMP_NUM_THREADS" not in dict(s.env) for s in plan_workers([], ["0", "1"], ("py",)))
+
+
+def test_pinned_workers_get_disjoint_whole_cores(monkeypatch) -> None:
+    """RUNNER_PIN_WORKERS=1 (experiment): each worker its own physical cores, hyper-thread
+    siblings together, contiguous ids together; off by default."""
+    from runner.launcher import parse_cpu_list, worker_cpu_sets
+
+    assert parse_cpu_list("0-3,8,10-11\n") == [0, 1, 2, 3, 8, 10, 11]
+    ht = lambda c: frozenset({c % 16, c % 16 + 16})  # noqa: E731 - 16 cores x 2 threads, as Linux numbers them
+    sets = worker_cpu_sets(2, range(32), ht)
+    assert sets == [[*range(0, 8), *range(16, 24)], [*range(8, 16), *range(24, 32)]]
+    odd = worker_cpu_sets(3, range(10), lambda c: frozenset({c}))
+    assert odd == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert worker_cpu_sets(4, [0, 1], lambda c: frozenset({c})) is None  # fewer cores than workers
+    # a sibling outside the allowed set is not handed out
+    assert worker_cpu_sets(1, [0, 1], ht) == [[0, 1]]
+    monkeypatch.delenv("RUNNER_PIN_WORKERS", raising=False)
+    assert all("RUNNER_CPU_SET" not in dict(s.env) for s in plan_workers([], ["0", "1"], ("py",)))
+    monkeypatch.setenv("RUNNER_PIN_WORKERS", "1")
+    monkeypatch.setattr("runner.launcher.worker_cpu_sets", lambda n: [[0, 2], [1, 3]][:n])
+    specs = plan_workers([], ["0", "1"], ("py",))
+    assert [dict(s.env)["RUNNER_CPU_SET"] for s in specs] == ["0,2", "1,3"]
+
+
+def test_a_worker_pins_itself_and_its_children_to_its_cpu_set(tmp_path) -> None:
+    """The worker applies RUNNER_CPU_SET before it starts anything; a child inherits it; a set it
+    may not use is reported and ignored."""
+    cpu = min(os.sched_getaffinity(0))
+    code = (
+        "import os, subprocess, sys; from runner.launcher import apply_cpu_set; "
+        "print(apply_cpu_set()); "
+        "print(subprocess.run([sys.executable, '-c', 'import os; print(sorted(os.sched_getaffinity(0)))'], "
+        "capture_output=True, text=True).stdout.strip())"
+    )
+    env = {**os.environ, "RUNNER_CPU_SET": str(cpu), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:2] == [f"[{cpu}]", f"[{cpu}]"]
+    env["RUNNER_CPU_SET"] = "100000"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert bad.stdout.split("\n")[0] == "None" and "not applied" in bad.stderr
 
 
 def test_engine_start_lock_serialises_engines_sharing_a_gpu(tmp_path) -> None:
