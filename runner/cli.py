@@ -436,15 +436,14 @@ def main(argv: list[str] | None = None, *, default_engine: str = "vllm") -> int:
     if args.engines_per_gpu != 1 and not args.gpus:
         print("error: --engines-per-gpu needs --gpus (the launcher starts the engines)", file=sys.stderr)
         return EXIT_USAGE
-    if not args.gpus:
-        from runner.launcher import apply_cpu_set
-
-        apply_cpu_set()  # a launcher worker with RUNNER_PIN_WORKERS=1: its own cores, before any child
     if args.gpus:
         from runner.launcher import run_multi_gpu
 
         rest = _strip_option(_strip_option(argv, "--gpus"), "--engines-per-gpu")
         return run_multi_gpu(rest, args.gpus, engines_per_gpu=args.engines_per_gpu)
+    from runner.launcher import apply_cpu_set
+
+    apply_cpu_set()  # a launcher worker with RUNNER_PIN_WORKERS=1: its own cores, before any child
 
     log_file = setup_logging(args.log_file, quiet_console=args.progress == "bar")
     log.info("command: %s", " ".join(_redacted_argv(argv)))

@@ -169,6 +169,11 @@ def option_value(argv: Sequence[str], name: str) -> str | None:
     return _take_option(list(argv), name)[1]
 
 
+def _allowed_cpus() -> list[int]:
+    """The logical CPUs this process may run on (Linux), ascending; empty where the OS cannot say."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+
 def worker_torch_threads(workers: int, environ: Any = None, cores: int | None = None) -> str | None:
     """``OMP_NUM_THREADS`` for each of ``workers`` engine processes on this host, or None to leave
     it alone (one worker, or the operator set it).
@@ -183,7 +188,7 @@ def worker_torch_threads(workers: int, environ: Any = None, cores: int | None = 
     if workers <= 1 or "OMP_NUM_THREADS" in env:
         return None
     if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = len(_allowed_cpus()) or os.cpu_count() or 1
     return str(max(1, cores // (4 * workers)))
 
 
@@ -219,9 +224,7 @@ def worker_cpu_sets(
     when there are fewer cores than workers. Experimental (``RUNNER_PIN_WORKERS=1``): on the
     two-GPU machine two engines' decode steps ran 20-30% slower than one alone with only 7 of 32
     cores busy (GPU session 10); whether pinning helps is not measured yet."""
-    if cpus is None:
-        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    allowed = set(cpus)
+    allowed = set(_allowed_cpus() if cpus is None else cpus)
     cores: list[list[int]] = []
     seen: set[int] = set()
     for c in sorted(allowed):
