@@ -7,7 +7,8 @@ vLLM). One JSON line per variant; appended to --jsonl if given.
         --variants upstream,bias-free+sdpa,bias-free+fa3 [--tower]
 
 Variants: ``upstream``; ``bias-free`` (the engine's default kernel choice) or ``bias-free+K``
-for ``RUNNER_SAM_KERNEL=K`` (sdpa, fa3, cudnn); ``+compile`` appended: torch.compile of the
+for ``RUNNER_SAM_KERNEL=K`` (sdpa, fa3, cudnn); ``fused`` / ``fused+K``: the same widened heads
+built by runner/vllm_plugin/sam_fused.py's Triton kernels; ``+compile`` appended: torch.compile of the
 encoder. ``--tower`` times the whole OCR-1 vision tower per view (SAM, then vLLM's CLIP-L on
 SAM's features, then the projector: the batched encoder's ``_encode_views``) instead of SAM alone.
 
@@ -136,6 +137,7 @@ def run(
     from vllm.model_executor.models.deepencoder import build_sam_vit_b
 
     from runner.vllm_plugin.sam_attention import patch_sam_attention
+    from runner.vllm_plugin.sam_fused import patch_sam_blocks
 
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -156,17 +158,21 @@ def run(
 
     results = []
     ref: tuple[torch.Tensor, torch.Tensor] | None = None
-    patched = 0
+    patched = fused_blocks = 0
     eager = sam
     for variant in variants:
         if variant != "upstream" and not patched:
             patched = patch_sam_attention(eager)
+            os.environ["RUNNER_SAM_FUSED"] = "auto"
+            fused_blocks = patch_sam_blocks(eager)
         # "bias-free[+KERNEL]": the bias folded into widened heads, attention by KERNEL (sam_attention's
-        # RUNNER_SAM_KERNEL; default: the engine's choice); "+compile": torch.compile (inductor) of the
+        # RUNNER_SAM_KERNEL; default: the engine's choice); "fused[+KERNEL]": the same heads built by
+        # sam_fused's Triton kernels inside each block; "+compile": torch.compile (inductor) of the
         # whole encoder, batch dynamic
         parts = variant.split("+")
         kernels = [p for p in parts[1:] if p != "compile"]
         os.environ["RUNNER_SAM_KERNEL"] = kernels[0] if kernels else "auto"
+        os.environ["RUNNER_SAM_FUSED"] = "auto" if parts[0] == "fused" else "0"
         sam = torch.compile(eager, dynamic=True) if "compile" in parts[1:] else eager
         with torch.no_grad():
             t_warm = time.perf_counter()
@@ -207,6 +213,7 @@ def run(
         }
         if variant != "upstream" and ref is not None:
             row["layers_patched"] = patched
+            row["blocks_fused"] = fused_blocks if parts[0] == "fused" else 0
             rel = max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(out, ref))
             row["rel_diff_vs_upstream"] = round(rel, 5)
         else:

@@ -58,6 +58,8 @@ from runner.vllm_plugin.encoder_mask import patch_encoder_mask
 from runner.vllm_plugin.memory_cap import apply_from_env as apply_memory_cap
 from runner.vllm_plugin.preprocess import ViewSpec, num_image_tokens
 from runner.vllm_plugin.sam_attention import patch_sam_attention
+from runner.vllm_plugin.sam_fused import mode as fused_mode
+from runner.vllm_plugin.sam_fused import patch_sam_blocks
 
 _log = logging.getLogger("vllm.deepseek_ocr_pipeline")
 
@@ -193,6 +195,8 @@ def _prepare_model(model: Any) -> None:
     if sam is not None:
         n = patch_sam_attention(sam)
         _log.info("SAM relative-position attention without a materialised bias: %d layer(s)", n)
+        n = patch_sam_blocks(sam)
+        _log.info("SAM blocks with Triton-built widened heads (RUNNER_SAM_FUSED=%s): %d", fused_mode(), n)
     qwen2 = getattr(model, "qwen2_model", None)  # OCR-2's encoder
     if qwen2 is not None:
         n = patch_encoder_mask(qwen2)

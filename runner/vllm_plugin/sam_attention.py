@@ -165,10 +165,21 @@ def rel_pos_attention(
     qa = torch.cat(parts_q, dim=-1)
     ka = torch.cat(parts_k, dim=-1)
     va = F.pad(v, (0, dv - d))
+    return attend(qa, ka, va, scale, kernel_name)[..., :d]
+
+
+def attend(
+    qa: torch.Tensor, ka: torch.Tensor, va: torch.Tensor, scale: float, kernel_name: str
+) -> torch.Tensor:
+    """softmax(scale·qa·kaᵀ)·va over each image's tokens, token-major: qa, ka (B, L, heads, dq),
+    va (B, L, heads, dv), contiguous in the last dimension. Returns (B, L, heads, dv); for FA3 a
+    contiguous tensor, else a transposed view."""
+    b, seq, nh, dq = qa.shape
+    dv = va.shape[-1]
     if kernel_name == "fa3":
         from vllm.vllm_flash_attn.flash_attn_interface import flash_attn_varlen_func
 
-        cu = torch.arange(0, (b + 1) * seq, seq, dtype=torch.int32, device=q.device)
+        cu = torch.arange(0, (b + 1) * seq, seq, dtype=torch.int32, device=qa.device)
         out = flash_attn_varlen_func(
             qa.view(b * seq, nh, dq),
             ka.view(b * seq, nh, dq),
@@ -181,7 +192,7 @@ def rel_pos_attention(
             causal=False,
             fa_version=3,
         )
-        return out.view(b, seq, nh, dv)[..., :d]
+        return out.view(b, seq, nh, dv)  # type: ignore[no-any-return]
     # SDPA wants (B, heads, L, D): transposed views, no copy
     ctx: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if kernel_name == "cudnn":
@@ -192,7 +203,7 @@ def rel_pos_attention(
         out = F.scaled_dot_product_attention(
             qa.transpose(1, 2), ka.transpose(1, 2), va.transpose(1, 2), scale=scale
         )
-    return out.transpose(1, 2)[..., :d]
+    return out.transpose(1, 2)
 
 
 def fast_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
