@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from runner import stacksample
 from runner.config import RunConfig
 from runner.engines.base import Engine, EngineDied
 from runner.jsonsafe import safe_dumps
@@ -168,6 +169,7 @@ class Pipeline:
         pool.wait_ready()
         self.stats.t0 = time.perf_counter()
         self.progress.t0 = self.stats.t0  # pages/s on the bar excludes start-up, like the summary
+        stacksample.start_from_env()  # diagnostics (RUNNER_STACK_SAMPLE), off by default
         self._states: dict[str, _DocState] = {}
         try:
             self._pending_docs: deque[InputDoc] = deque(todo)

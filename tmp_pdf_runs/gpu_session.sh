@@ -126,6 +126,12 @@ for step in "$@"; do
     epgk) log "epg: ${EPK:-2} engines on GPU 0"; timeout -k 20 ${EPTO2:-330} python3 tools/bench.py --model-dir $M/deepseek-ocr --pages ${PAGES:-768} --max-num-seqs ${EPSEQS:-384} --baseline off \
             --product cli --gpus 0 --product-timeout ${EPTO2P:-320} --work-dir /tmp/ep2 --jsonl "$OUT/benchmarks.jsonl" --tag epg-${EPK:-2} --cli-extra --engines-per-gpu ${EPK:-2} 2>&1 | tail -1 | cut -c1-1500
           grep -h "start-up lock\|engine ready\|waiting for another" /tmp/ep2/*.log /tmp/runner-workers-*/*.log 2>/dev/null | cut -c1-200 | head -6 ;;
+    rampdiag) log "rampdiag: two engines on GPU 0, product only, stack samples of each worker's threads for ${SSDUR:-20} s after ready"
+          RUNNER_STACK_SAMPLE=${SSDUR:-20}:5 timeout -k 20 ${RDTO:-420} python3 tools/bench.py --model-dir $M/${RDMODEL:-deepseek-ocr} --pages ${PAGES:-1536} \
+            --max-num-seqs ${SEQS:-384} --baseline off --product cli --gpus 0 --product-timeout ${RDTO2:-400} --work-dir /tmp/rd --jsonl "$OUT/benchmarks.jsonl" \
+            --tag ${RDTAG:-rampdiag} --cli-extra --engines-per-gpu 2 2>&1 | tail -1 | cut -c1-1500
+          for f in /tmp/rd/worker_logs/*.log; do echo "--- $f"; grep -E "vllm engine: pending|stack samples|^thread |^  (inclusive|self)" "$f" | head -30 | cut -c1-900; done
+          tar czf "$OUT/rampdiag_worker_logs.tgz" -C /tmp/rd worker_logs 2>/dev/null ;;
     pcab) for pc in false true; do log "pcab enable_prefix_caching=$pc (one engine, same pages)"   # prefix caching A/B (default: off)
           timeout -k 10 ${PCTO:-280} python3 tools/bench.py --model-dir $M/deepseek-ocr --pages ${PAGES:-768} --max-num-seqs ${SEQS:-512} --baseline off \
             --product cli --product-timeout ${PCTOP:-270} --work-dir /tmp/pc_$pc --jsonl "$OUT/benchmarks.jsonl" --tag prefix-caching-$pc \

@@ -8,7 +8,8 @@ vLLM). One JSON line per variant; appended to --jsonl if given.
 
 Variants: ``upstream``; ``bias-free`` (the engine's default kernel choice) or ``bias-free+K``
 for ``RUNNER_SAM_KERNEL=K`` (sdpa, fa3, cudnn); ``fused`` / ``fused+K``: the same widened heads
-built by runner/vllm_plugin/sam_fused.py's Triton kernels; ``+compile`` appended: torch.compile of the
+built by runner/vllm_plugin/sam_fused.py's Triton kernels (``+wN``: N warps per program);
+``+compile`` appended: torch.compile of the
 encoder. ``--tower`` times the whole OCR-1 vision tower per view (SAM, then vLLM's CLIP-L on
 SAM's features, then the projector: the batched encoder's ``_encode_views``) instead of SAM alone.
 
@@ -170,9 +171,14 @@ def run(
         # sam_fused's Triton kernels inside each block; "+compile": torch.compile (inductor) of the
         # whole encoder, batch dynamic
         parts = variant.split("+")
-        kernels = [p for p in parts[1:] if p != "compile"]
+        kernels = [p for p in parts[1:] if p != "compile" and not p.startswith("w")]
         os.environ["RUNNER_SAM_KERNEL"] = kernels[0] if kernels else "auto"
         os.environ["RUNNER_SAM_FUSED"] = "auto" if parts[0] == "fused" else "0"
+        warps = [p[1:] for p in parts[1:] if p.startswith("w")]  # "fused+w8": RUNNER_SAM_FUSED_WARPS
+        if warps:
+            os.environ["RUNNER_SAM_FUSED_WARPS"] = warps[0]
+        else:
+            os.environ.pop("RUNNER_SAM_FUSED_WARPS", None)
         sam = torch.compile(eager, dynamic=True) if "compile" in parts[1:] else eager
         with torch.no_grad():
             t_warm = time.perf_counter()

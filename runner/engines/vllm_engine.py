@@ -653,12 +653,14 @@ class VllmEngine:
                     # returning pages with vLLM's engine core idle; GPU_NOTES.md).
                     beat = time.monotonic()
                     log.info(
-                        "vllm engine: pending=%d inbox=%d vllm_unfinished=%d steps=%d added=%d",
+                        "vllm engine: pending=%d inbox=%d vllm_unfinished=%d steps=%d added=%d "
+                        "add_ms=%.1f (mean per added request, in this thread)",
                         len(self._pending),
                         inbox.qsize(),
                         engine.get_num_unfinished_requests(),
                         self.stats["steps"],
                         self.stats["added"],
+                        1e3 * self.stats["host_prep_s"] / max(1, self.stats["added"]),
                     )
                 busy = engine.has_unfinished_requests()
                 self._drain_inbox(engine, inbox, block=not busy)

@@ -60,6 +60,15 @@ def mode() -> str:
     return os.environ.get("RUNNER_SAM_FUSED", "auto")
 
 
+def _warps(block: int) -> int:
+    """Warps per program: ``RUNNER_SAM_FUSED_WARPS`` (a number), else by tile rows (tiles of 16
+    rows, the 14×14 windows, are small)."""
+    env = os.environ.get("RUNNER_SAM_FUSED_WARPS")
+    if env:
+        return int(env)
+    return 2 if block <= 16 else 4
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -354,7 +363,19 @@ def unwiden(
     o = o.contiguous()
     out = o.new_empty(b, hs, ws, nh * d)
     _unwiden[(o.shape[0], wh, nh)](
-        o, out, hs, ws, nwh, nww, NH=nh, D=d, WH=wh, WW=ww, BW=_next_pow2(max(ww, 16)), DV=o.shape[-1]
+        o,
+        out,
+        hs,
+        ws,
+        nwh,
+        nww,
+        NH=nh,
+        D=d,
+        WH=wh,
+        WW=ww,
+        BW=_next_pow2(max(ww, 16)),
+        DV=o.shape[-1],
+        num_warps=_warps(_next_pow2(max(ww, 16))),
     )
     return out
 
