@@ -136,6 +136,13 @@ def build_parser(default_engine: str = "vllm") -> argparse.ArgumentParser:
         help="with --gpus: K engines (workers) per GPU, each with 1/K of the memory, started one "
         "after another (vLLM's host work per step leaves one engine's GPU idle part of the time)",
     )
+    sc.add_argument(
+        "--mps",
+        action="store_true",
+        help="with --gpus: run the workers under a private CUDA MPS control daemon (started and "
+        "stopped by this run), so engines sharing a GPU run their kernels side by side instead "
+        "of time-slicing; needs nvidia-cuda-mps-control (NVIDIA driver)",
+    )
     from runner.executors.ray_executor import add_ray_arguments
 
     add_ray_arguments(p)
@@ -433,14 +440,15 @@ def main(argv: list[str] | None = None, *, default_engine: str = "vllm") -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    if args.engines_per_gpu != 1 and not args.gpus:
-        print("error: --engines-per-gpu needs --gpus (the launcher starts the engines)", file=sys.stderr)
+    if (args.engines_per_gpu != 1 or args.mps) and not args.gpus:
+        opt = "--engines-per-gpu" if args.engines_per_gpu != 1 else "--mps"
+        print(f"error: {opt} needs --gpus (the launcher starts the engines)", file=sys.stderr)
         return EXIT_USAGE
     if args.gpus:
         from runner.launcher import run_multi_gpu
 
-        rest = _strip_option(_strip_option(argv, "--gpus"), "--engines-per-gpu")
-        return run_multi_gpu(rest, args.gpus, engines_per_gpu=args.engines_per_gpu)
+        rest = [a for a in _strip_option(_strip_option(argv, "--gpus"), "--engines-per-gpu") if a != "--mps"]
+        return run_multi_gpu(rest, args.gpus, engines_per_gpu=args.engines_per_gpu, mps=args.mps)
     from runner.launcher import apply_cpu_set
 
     apply_cpu_set()  # a launcher worker with RUNNER_PIN_WORKERS=1: its own cores, before any child

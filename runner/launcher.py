@@ -427,6 +427,66 @@ def _count_done(outputs: Any) -> int:
         return -1
 
 
+MPS_CONTROL = "nvidia-cuda-mps-control"
+
+
+class MpsDaemon:
+    """A private CUDA MPS control daemon for this run's workers (``--mps``).
+
+    Several engines on one GPU (``--engines-per-gpu``) are separate processes: without MPS the
+    GPU time-slices between their contexts, so one engine's kernels never run beside the
+    other's. Under MPS their kernels share the GPU at once (one engine's memory-bound decode
+    beside the other's compute-bound prefill). The daemon is private: its pipe and log folders
+    are under the run's log folder and only the workers get ``CUDA_MPS_PIPE_DIRECTORY``, so
+    other CUDA programs on the host are not routed through it. It is stopped when the run ends
+    (``quit``). GPU settings (compute mode, MIG) are not touched."""
+
+    def __init__(self, root: Path, binary: str = MPS_CONTROL) -> None:
+        self.pipe = root / "pipe"
+        self.logs = root / "log"
+        self.binary = binary
+        self.exe: str | None = None
+
+    def env(self) -> dict[str, str]:
+        return {"CUDA_MPS_PIPE_DIRECTORY": str(self.pipe), "CUDA_MPS_LOG_DIRECTORY": str(self.logs)}
+
+    def start(self) -> None:
+        exe = shutil.which(self.binary)
+        if exe is None:
+            raise ValueError(
+                f"--mps: {self.binary} not found on PATH (it comes with the NVIDIA driver); "
+                "run without --mps"
+            )
+        self.pipe.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run(
+            [exe, "-d"], env={**os.environ, **self.env()}, capture_output=True, text=True, timeout=60
+        )
+        if r.returncode != 0:
+            why = (r.stderr or r.stdout).strip()
+            raise ValueError(f"--mps: the MPS control daemon did not start (exit {r.returncode}): {why}")
+        self.exe = exe
+        print(f"MPS control daemon started for this run (pipe {self.pipe})", file=sys.stderr)
+
+    def stop(self) -> None:
+        if self.exe is None:
+            return
+        try:
+            r = subprocess.run(
+                [self.exe],
+                input="quit\n",
+                env={**os.environ, **self.env()},
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            if r.returncode != 0:
+                log.warning("MPS control daemon: quit answered exit %d: %s", r.returncode, r.stderr.strip())
+        except (OSError, subprocess.SubprocessError) as e:
+            log.warning("MPS control daemon: could not send quit (%s)", e)
+        self.exe = None
+
+
 def run_multi_gpu(
     argv: list[str],
     gpus: str | Sequence[str],
@@ -437,10 +497,13 @@ def run_multi_gpu(
     poll_s: float = 5.0,
     echo: bool = False,
     engines_per_gpu: int = 1,
+    mps: bool = False,
+    mps_binary: str = MPS_CONTROL,
 ) -> int:
     """Run one worker per GPU (``engines_per_gpu`` per GPU) and wait for all; merge their
     summaries. Returns the exit code: 0 when every worker exited 0, else the first non-zero
-    worker code (2 for usage errors here)."""
+    worker code (2 for usage errors here). ``mps``: the workers run under a private CUDA MPS
+    control daemon (``MpsDaemon``), started first and stopped at the end."""
     try:
         gpu_ids = parse_gpus(gpus)
         logs = Path(log_dir or tempfile.mkdtemp(prefix="runner-workers-"))
@@ -469,6 +532,13 @@ def run_multi_gpu(
     for stale in logs.glob("runner-engine-start-gpu*.lock.ready.*"):  # a reused --log-dir
         stale.unlink(missing_ok=True)
 
+    daemon = MpsDaemon(logs / "mps", mps_binary) if mps else None
+    if daemon is not None:
+        try:
+            daemon.start()
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_USAGE
     t0 = time.perf_counter()
     done_before = _count_done(outputs) if outputs is not None else -1
     procs: list[tuple[WorkerSpec, subprocess.Popen[str], str, threading.Thread, Any]] = []
@@ -488,7 +558,7 @@ def run_multi_gpu(
         for spec in specs:
             path = str(logs / f"{spec.name}.log")
             fh = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed after the worker exits
-            env = {**os.environ, **dict(spec.env)}
+            env = {**os.environ, **dict(spec.env), **(daemon.env() if daemon is not None else {})}
             p = subprocess.Popen(
                 list(spec.argv),
                 env=env,
@@ -549,6 +619,8 @@ def run_multi_gpu(
                 fh.close()
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
+        if daemon is not None:
+            daemon.stop()
     wall = time.perf_counter() - t0
     code = _merge_and_write(outputs, specs, outcomes, wall, gpu_ids)
     failed = [o for o in outcomes.values() if o.returncode != 0]

@@ -246,6 +246,8 @@ def test_engines_sharing_a_gpu_cap_their_allocators_so_together_they_fit_the_car
 def test_engines_per_gpu_needs_the_launcher(tmp_path, capsys):
     code = main(["--input-dir", str(tmp_path), "--output-dir", str(tmp_path / "o"), "--engines-per-gpu", "2"])
     assert code == EXIT_USAGE and "--engines-per-gpu needs --gpus" in capsys.readouterr().err
+    code = main(["--input-dir", str(tmp_path), "--output-dir", str(tmp_path / "o"), "--mps"])
+    assert code == EXIT_USAGE and "--mps needs --gpus" in capsys.readouterr().err
 
 
 def test_sigterm_closes_the_engine_keeps_what_is_written_and_exits_143(tmp_path):

@@ -29,7 +29,8 @@ if os.environ.get("STUB_FAIL_SHARD") == str(i):
 summary = {"shard": f"{i}-of-{n}", "files": {"ok": i + 1, "failed": 0, "skipped": 0},
            "pages": {"ok": 10 * (i + 1)}, "pages_total": 10 * (i + 1), "pages_per_s": 99.0,
            "wall_seconds": 1.0, "engine": "text", "docs": [{"source": f"d{i}.pdf", "status": "ok"}],
-           "seen": {"cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "argv": args}}
+           "seen": {"cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "argv": args,
+                    "mps_pipe": os.environ.get("CUDA_MPS_PIPE_DIRECTORY")}}
 with open(os.path.join(out, f"_run_summary.shard-{i}-of-{n}.json"), "w") as f:
     json.dump(summary, f)
 print(f"stub shard {i} done", flush=True)
@@ -273,7 +274,7 @@ def test_merge_summaries_sums_counts_and_recomputes_rate() -> None:
 
 
 def _run_stub_workers(
-    tmp_path: Path, stub: list[str], gpus: str, engines_per_gpu: int = 1
+    tmp_path: Path, stub: list[str], gpus: str, engines_per_gpu: int = 1, **kw: object
 ) -> tuple[int, Path]:
     out = tmp_path / "out"
     argv = ["--input-dir", str(tmp_path), "--output-dir", str(out), "--engine", "text"]
@@ -285,8 +286,54 @@ def _run_stub_workers(
         log_dir=str(tmp_path / "logs"),
         poll_s=0.5,
         engines_per_gpu=engines_per_gpu,
+        **kw,  # type: ignore[arg-type]
     )
     return code, out
+
+
+FAKE_MPS = r"""#!/bin/sh
+# records each call: its arguments, its stdin (for "quit") and the pipe folder it was given
+{ echo "args=$*"; echo "pipe=$CUDA_MPS_PIPE_DIRECTORY"
+  [ "$1" = "-d" ] || echo "stdin=$(cat)"; } >> "$FAKE_MPS_LOG"
+exit "${FAKE_MPS_EXIT:-0}"
+"""
+
+
+def test_mps_daemon_is_private_started_first_and_quit_at_the_end(
+    tmp_path: Path, stub: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--mps: the control daemon starts (``-d``) with a pipe folder under the run's logs, every
+    worker gets that folder, and ``quit`` goes to the same daemon when the workers are done."""
+    fake = tmp_path / "fake-mps-control"
+    fake.write_text(FAKE_MPS)
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    record = tmp_path / "mps.log"
+    monkeypatch.setenv("FAKE_MPS_LOG", str(record))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    code, out = _run_stub_workers(tmp_path, stub, "0", engines_per_gpu=2, mps=True, mps_binary=str(fake))
+    assert code == 0
+    pipe = str(tmp_path / "logs" / "mps" / "pipe")
+    calls = record.read_text().splitlines()
+    assert calls == ["args=-d", f"pipe={pipe}", "args=", f"pipe={pipe}", "stdin=quit"]
+    seen = [json.loads((out / f"_run_summary.shard-{i}-of-2.json").read_text())["seen"] for i in range(2)]
+    assert [s["mps_pipe"] for s in seen] == [pipe, pipe]
+
+
+def test_mps_refused_clearly_when_the_daemon_cannot_start(
+    tmp_path: Path, stub: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    code, out = _run_stub_workers(tmp_path, stub, "0", mps=True, mps_binary=str(tmp_path / "missing"))
+    err = capsys.readouterr().err
+    assert code == 2 and "--mps:" in err and "not found" in err
+    assert not (out / "_run_summary.json").exists()
+    fake = tmp_path / "fake-mps-control"
+    fake.write_text(FAKE_MPS)
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("FAKE_MPS_LOG", str(tmp_path / "mps.log"))
+    monkeypatch.setenv("FAKE_MPS_EXIT", "1")
+    code, out = _run_stub_workers(tmp_path, stub, "0", mps=True, mps_binary=str(fake))
+    assert code == 2 and "did not start" in capsys.readouterr().err
 
 
 def test_run_multi_gpu_runs_one_worker_per_gpu_and_merges(
