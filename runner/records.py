@@ -7,6 +7,7 @@ once every page of a document is accounted for, a ``DocResult``.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,7 +49,9 @@ class PageImage:
     width: int  # pixels
     height: int
     mode: str  # PIL mode of ``pixels`` ("RGB")
-    pixels: bytes  # raw pixel bytes, row-major; empty when the engine needs no image
+    # raw pixel bytes, row-major; empty when the engine needs no image. A read-only memoryview of
+    # shared memory when the page came through /dev/shm (runner/shm.py): no copy; pickled as bytes
+    pixels: bytes | memoryview
     dpi: float
     page_width_pt: float
     page_height_pt: float
@@ -63,6 +66,17 @@ class PageImage:
         from PIL import Image
 
         return Image.frombytes(self.mode, (self.width, self.height), self.pixels)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # a memoryview does not pickle: send the bytes (to a render worker, to Ray, ...)
+        state = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if isinstance(state["pixels"], memoryview):
+            state["pixels"] = state["pixels"].tobytes()
+        return (_page_image, (state,))
+
+
+def _page_image(state: dict[str, Any]) -> PageImage:
+    return PageImage(**state)
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,9 @@ unpickled by the main process: measured 26-37 ms of the main process' time per p
 box (``NOTES.md``), the same process that feeds vLLM and runs the scheduler, under one GIL: it
 caps how fast pages can enter the engine. Here every large buffer (a numpy array or a page's
 pixel bytes of at least ``MIN_BYTES``) is written by the worker into a file in ``/dev/shm``
-and only its name travels through the pipe; the main process maps it (arrays: no copy; pixel
-bytes: one memcpy) and unlinks the name at once, so the memory is freed with the last reference.
+and only its name travels through the pipe; the main process maps it (no copy: arrays over the
+mapping, pixels as a read-only memoryview of it) and unlinks the name at once, so the memory is
+freed with the last reference.
 
 Falls back to plain pickling, per buffer, when ``/dev/shm`` is missing or full (a container's
 64 MB default): ``posix_fallocate`` reserves the space first, so a full tmpfs is an error here,
@@ -96,9 +97,11 @@ def _attach_array(name: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _attach_page(name: str, fields: dict[str, Any]) -> PageImage:
-    with _map(name) as mm:
-        pixels = bytes(mm)
-    return PageImage(pixels=pixels, **fields)
+    # A read-only view of the mapping, no copy: copying the ~6 MB of pixels out of the fresh
+    # mapping (page faults + memcpy) was 38% of the CLI main thread's samples while the first
+    # wave entered (GPU session 11, ``RUNNER_STACK_SAMPLE``), and most pages never read their
+    # pixels again. The mapping lives as long as the view; PageImage pickles it as bytes.
+    return PageImage(pixels=memoryview(_map(name)).toreadonly(), **fields)
 
 
 class _Pickler(pickle.Pickler):

@@ -47,6 +47,23 @@ def test_roundtrip_maps_large_buffers_and_leaves_nothing() -> None:
     assert back.extra["hook"]["big"].flags.writeable and back.extra["hook"]["big"].flags.c_contiguous
 
 
+def test_pixels_arrive_without_a_copy_and_still_pickle_and_decode() -> None:
+    """The page's pixels come back as a read-only view of the mapping (no copy), the page still
+    pickles (as bytes: to a render worker, to Ray) and decodes to the same image."""
+    pixels = os.urandom(1200 * 1000 * 3)
+    page = PageImage("d", 0, 1200, 1000, "RGB", pixels, 72.0, 1.0, 1.0, 0.1, False, "", "text", None, {})
+    back = shm.loads(shm.dumps(page))
+    assert _ours() == []
+    assert isinstance(back.pixels, memoryview) and back.pixels.readonly
+    assert back.pixels == pixels and len(back.pixels) == len(pixels) and back.pixels
+    assert back.to_pil().tobytes() == page.to_pil().tobytes()
+    again = pickle.loads(pickle.dumps(back))
+    assert isinstance(again.pixels, bytes) and again.pixels == pixels and again == page
+    assert shm.loads(shm.dumps(back)).pixels == pixels  # a worker can send such a page on again
+    with pytest.raises(TypeError):
+        back.pixels[0] = 0  # type: ignore[index]
+
+
 def test_full_shm_falls_back_to_the_pipe(monkeypatch: pytest.MonkeyPatch) -> None:
     def full(fd: int, off: int, n: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
