@@ -143,6 +143,15 @@ if triton is not None:
         return val
 
     @triton.jit
+    def _rel_terms(q, table, line, K: tl.constexpr, D: tl.constexpr, BK: tl.constexpr, inv):  # type: ignore[no-untyped-def]
+        """``q·table[line]ᵀ·inv`` for the tokens of one window line: (tokens, BK) in the fp32
+        accumulator, columns from K on zero (``table``: the (K, K, D) rel-pos table)."""
+        c = tl.arange(0, D)
+        kk = tl.arange(0, BK)
+        t = tl.load(table + (line * K + kk)[:, None] * D + c[None, :], mask=(kk < K)[:, None], other=0.0)
+        return tl.dot(q, tl.trans(t), input_precision="ieee") * inv
+
+    @triton.jit
     def _widen_rows(  # type: ignore[no-untyped-def]
         qkv,
         bias,
@@ -175,8 +184,7 @@ if triton is not None:
         c = tl.arange(0, D)
         q = _load_head(qkv, bias, bs, sy, sx, inwin, valid, 0, n, Hs, Ws, NH, D, HAS_BIAS)
         kk = tl.arange(0, BH)
-        table = tl.load(rh + (y * WH + kk)[:, None] * D + c[None, :], mask=(kk < WH)[:, None], other=0.0)
-        rel = tl.dot(q, tl.trans(table), input_precision="ieee") * inv  # (BW, BH), fp32 accumulator
+        rel = _rel_terms(q, rh, y, WH, D, BH, inv)  # (BW, BH)
         row = ((bw * (WH * WW) + t) * NH + n).to(tl.int64)
         m = inwin[:, None]
         dst = qa + row[:, None] * DQ
@@ -232,11 +240,9 @@ if triton is not None:
         x = tl.program_id(1)
         n = tl.program_id(2)
         bs, sy, sx, inwin, valid, t = _window_tokens(bw, x, NWH, NWW, Hs, Ws, WH, WW, False, BH)
-        c = tl.arange(0, D)
         q = _load_head(qkv, bias, bs, sy, sx, inwin, valid, 0, n, Hs, Ws, NH, D, HAS_BIAS)
         kk = tl.arange(0, BW)
-        table = tl.load(rw + (x * WW + kk)[:, None] * D + c[None, :], mask=(kk < WW)[:, None], other=0.0)
-        rel = tl.dot(q, tl.trans(table), input_precision="ieee") * inv  # (BH, BW)
+        rel = _rel_terms(q, rw, x, WW, D, BW, inv)  # (BH, BW)
         row = ((bw * (WH * WW) + t) * NH + n).to(tl.int64)
         tl.store(
             qa + row[:, None] * DQ + D + WH + kk[None, :],
