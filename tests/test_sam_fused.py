@@ -164,6 +164,20 @@ def test_not_patched_when_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
     assert sf.patch_sam_blocks(blk) == 0
 
 
+def test_grids_beyond_the_gpu_tested_sizes_keep_the_pytorch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large mode's 80×80 global grid is not fused (only 64×64, 40×40 and 14×14 windows were run
+    on a GPU); its 14×14 windowed blocks are."""
+    from runner.vllm_plugin import sam_fused as sf
+
+    if not sf._triton_runs():
+        pytest.skip("Triton missing")
+    monkeypatch.setenv("RUNNER_SAM_FUSED", "1")
+    x64, x80 = torch.zeros(1, 64, 64, 32), torch.zeros(1, 80, 80, 32)
+    glob, win = Block(32, 2, 0, (64, 64)), Block(32, 2, 14, (64, 64))
+    assert sf.fusable(glob, x64) and not sf.fusable(glob, x80)
+    assert sf.fusable(win, x64) and sf.fusable(win, x80)
+
+
 def test_auto_mode_keeps_cpu_tensors_on_the_pytorch_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """``auto`` fuses CUDA half/bf16 only: a patched block given CPU float tensors runs
     upstream's forward (here: exactly the reference)."""

@@ -56,6 +56,12 @@ except ImportError:  # pragma: no cover - exercised where Triton is missing
     triton = None
 
 
+#: Largest window side (a global block's grid) on the fused path: the sizes run on the GPU
+#: (64×64 for 1024² views, 40×40 for 640² crops, 14×14 windows). Larger grids (80×80: the Large
+#: mode's 1280² views) keep the PyTorch path: their 128-row tiles were never compiled on a GPU.
+MAX_GRID = 64
+
+
 def mode() -> str:
     return os.environ.get("RUNNER_SAM_FUSED", "auto")
 
@@ -305,6 +311,7 @@ def fusable(block: Any, x: torch.Tensor) -> bool:
         usable(x)
         and d >= 16
         and d & (d - 1) == 0
+        and max(wh, ww) <= MAX_GRID
         and d + wh + ww + 8 <= sa.MAX_HEAD_DIM
         and attn.qkv.out_features == 3 * nh * d == 3 * x.shape[-1]
     )
