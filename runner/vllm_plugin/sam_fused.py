@@ -66,10 +66,11 @@ def mode() -> str:
     return os.environ.get("RUNNER_SAM_FUSED", "auto")
 
 
-def _warps(block: int) -> int:
-    """Warps per program: ``RUNNER_SAM_FUSED_WARPS``, else Triton's default 4 (H100, 18 Gundam
-    pages: 2 warps for the 16-row window tiles 11.36, 4 everywhere 11.34, 8 everywhere 11.39
-    ms/page: no difference)."""
+def _warps() -> int:
+    """Warps per program of the three kernels: ``RUNNER_SAM_FUSED_WARPS``, else Triton's default
+    4 (what GPU session 11 measured). Its warps sweep reached only ``_unwiden`` (11.34 / 11.36 /
+    11.39 ms/page at 4 / 2-for-small-tiles / 8: no difference); the widening kernels' warps are
+    not swept yet."""
     env = os.environ.get("RUNNER_SAM_FUSED_WARPS")
     return int(env) if env else 4
 
@@ -359,9 +360,12 @@ def widen(
         DV=dv,
         EQ=_next_pow2(dq - d),
         EV=_next_pow2(max(dv - d, 1)),
+        num_warps=_warps(),
         **common,
     )
-    _widen_cols[(nb, ww, nh)](qkv, bias_arg, rw.contiguous(), qa, hs, ws, nwh, nww, inv, **common)
+    _widen_cols[(nb, ww, nh)](
+        qkv, bias_arg, rw.contiguous(), qa, hs, ws, nwh, nww, inv, num_warps=_warps(), **common
+    )
     return qa, ka, va
 
 
@@ -387,7 +391,7 @@ def unwiden(
         WW=ww,
         BW=_next_pow2(max(ww, 16)),
         DV=o.shape[-1],
-        num_warps=_warps(_next_pow2(max(ww, 16))),
+        num_warps=_warps(),
     )
     return out
 
