@@ -450,6 +450,17 @@ class MpsDaemon:
     def env(self) -> dict[str, str]:
         return {"CUDA_MPS_PIPE_DIRECTORY": str(self.pipe), "CUDA_MPS_LOG_DIRECTORY": str(self.logs)}
 
+    def _control(self, exe: str, args: list[str], stdin: str | None, timeout: float) -> Any:
+        """One call of the control binary, pointed at this daemon's folders."""
+        return subprocess.run(
+            [exe, *args],
+            input=stdin,
+            env={**os.environ, **self.env()},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
     def start(self) -> None:
         exe = shutil.which(self.binary)
         if exe is None:
@@ -459,9 +470,7 @@ class MpsDaemon:
             )
         self.pipe.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
-        r = subprocess.run(
-            [exe, "-d"], env={**os.environ, **self.env()}, capture_output=True, text=True, timeout=60
-        )
+        r = self._control(exe, ["-d"], None, 60)
         if r.returncode != 0:
             why = (r.stderr or r.stdout).strip()
             raise ValueError(f"--mps: the MPS control daemon did not start (exit {r.returncode}): {why}")
@@ -472,14 +481,7 @@ class MpsDaemon:
         if self.exe is None:
             return
         try:
-            r = subprocess.run(
-                [self.exe],
-                input="quit\n",
-                env={**os.environ, **self.env()},
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
+            r = self._control(self.exe, [], "quit\n", 120)
             if r.returncode != 0:
                 log.warning("MPS control daemon: quit answered exit %d: %s", r.returncode, r.stderr.strip())
         except (OSError, subprocess.SubprocessError) as e:

@@ -7,7 +7,6 @@ once every page of a document is accounted for, a ``DocResult``.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,16 +66,12 @@ class PageImage:
 
         return Image.frombytes(self.mode, (self.width, self.height), self.pixels)
 
-    def __reduce__(self) -> tuple[Any, ...]:
+    def __getstate__(self) -> dict[str, Any]:
         # a memoryview does not pickle: send the bytes (to a render worker, to Ray, ...)
-        state = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        state = dict(self.__dict__)
         if isinstance(state["pixels"], memoryview):
             state["pixels"] = state["pixels"].tobytes()
-        return (_page_image, (state,))
-
-
-def _page_image(state: dict[str, Any]) -> PageImage:
-    return PageImage(**state)
+        return state
 
 
 @dataclass(frozen=True)

@@ -299,14 +299,19 @@ exit "${FAKE_MPS_EXIT:-0}"
 """
 
 
+def _fake_mps(tmp_path: Path) -> Path:
+    fake = tmp_path / "fake-mps-control"
+    fake.write_text(FAKE_MPS)
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    return fake
+
+
 def test_mps_daemon_is_private_started_first_and_quit_at_the_end(
     tmp_path: Path, stub: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """--mps: the control daemon starts (``-d``) with a pipe folder under the run's logs, every
     worker gets that folder, and ``quit`` goes to the same daemon when the workers are done."""
-    fake = tmp_path / "fake-mps-control"
-    fake.write_text(FAKE_MPS)
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    fake = _fake_mps(tmp_path)
     record = tmp_path / "mps.log"
     monkeypatch.setenv("FAKE_MPS_LOG", str(record))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
@@ -327,9 +332,7 @@ def test_mps_refused_clearly_when_the_daemon_cannot_start(
     err = capsys.readouterr().err
     assert code == 2 and "--mps:" in err and "not found" in err
     assert not (out / "_run_summary.json").exists()
-    fake = tmp_path / "fake-mps-control"
-    fake.write_text(FAKE_MPS)
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    fake = _fake_mps(tmp_path)
     monkeypatch.setenv("FAKE_MPS_LOG", str(tmp_path / "mps.log"))
     monkeypatch.setenv("FAKE_MPS_EXIT", "1")
     code, out = _run_stub_workers(tmp_path, stub, "0", mps=True, mps_binary=str(fake))

@@ -169,7 +169,7 @@ def test_grids_beyond_the_gpu_tested_sizes_keep_the_pytorch_path(monkeypatch: py
     on a GPU); its 14×14 windowed blocks are."""
     from runner.vllm_plugin import sam_fused as sf
 
-    if not sf._triton_runs():
+    if not sf.HAVE_TRITON:
         pytest.skip("Triton missing")
     monkeypatch.setenv("RUNNER_SAM_FUSED", "1")
     x64, x80 = torch.zeros(1, 64, 64, 32), torch.zeros(1, 80, 80, 32)
@@ -183,7 +183,7 @@ def test_auto_mode_keeps_cpu_tensors_on_the_pytorch_path(monkeypatch: pytest.Mon
     upstream's forward (here: exactly the reference)."""
     from runner.vllm_plugin import sam_fused as sf
 
-    if not sf._triton_runs():
+    if not sf.HAVE_TRITON:
         pytest.skip("Triton missing: nothing is patched")
     monkeypatch.setenv("RUNNER_SAM_FUSED", "auto")
     torch.manual_seed(0)

@@ -40,7 +40,6 @@ CPU under ``TRITON_INTERPRET=1``: the tests).
 
 from __future__ import annotations
 
-import functools
 import os
 import types
 from typing import Any
@@ -54,6 +53,7 @@ try:  # Triton comes with vLLM's CUDA builds; absent on the CPU-only installs
     import triton.language as tl
 except ImportError:  # pragma: no cover - exercised where Triton is missing
     triton = None
+HAVE_TRITON = triton is not None
 
 
 #: Largest window side (a global block's grid) on the fused path: the sizes run on the GPU
@@ -285,14 +285,9 @@ if triton is not None:
         tl.store(out + tok[:, None] * (NH * D) + n * D + c[None, :], val, mask=valid[:, None])
 
 
-@functools.cache
-def _triton_runs() -> bool:
-    return triton is not None
-
-
 def usable(x: torch.Tensor) -> bool:
     m = mode()
-    if m == "0" or not _triton_runs():
+    if m == "0" or not HAVE_TRITON:
         return False
     if m == "auto":
         return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
@@ -421,7 +416,7 @@ def patch_sam_blocks(module: torch.nn.Module) -> int:
     positions) under ``module`` the fused forward (instance attribute; class untouched). Returns
     how many were patched; none when ``RUNNER_SAM_FUSED=0``, Triton is missing, or
     ``sam_attention`` is off (``RUNNER_FAST_SAM_ATTENTION=0``: upstream's path throughout)."""
-    if mode() == "0" or not _triton_runs() or not sa.enabled():
+    if mode() == "0" or not HAVE_TRITON or not sa.enabled():
         return 0
     n = 0
     for m in module.modules():
