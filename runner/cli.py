@@ -449,12 +449,17 @@ def main(argv: list[str] | None = None, *, default_engine: str = "vllm") -> int:
 
         rest = [a for a in _strip_option(_strip_option(argv, "--gpus"), "--engines-per-gpu") if a != "--mps"]
         return run_multi_gpu(rest, args.gpus, engines_per_gpu=args.engines_per_gpu, mps=args.mps)
-    from runner.launcher import apply_cpu_set
+    from runner.launcher import apply_cpu_set, cap_torch_threads
 
     apply_cpu_set()  # a launcher worker with RUNNER_PIN_WORKERS=1: its own cores, before any child
+    threads = cap_torch_threads()  # before torch is imported here or in the engine core
 
     log_file = setup_logging(args.log_file, quiet_console=args.progress == "bar")
     log.info("command: %s", " ".join(_redacted_argv(argv)))
+    if threads is not None:
+        log.info(
+            "OMP_NUM_THREADS=%s (unset: capped so the engine's pools leave the render workers room)", threads
+        )
     try:
         root, rels = discover_inputs(args)
         cfg = config_from_args(args, tuple(rels), root)

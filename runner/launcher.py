@@ -174,22 +174,40 @@ def _allowed_cpus() -> list[int]:
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
 
 
+MAX_TORCH_THREADS = 4  # the most OpenMP threads an engine process gets by default (measured value)
+
+
 def worker_torch_threads(workers: int, environ: Any = None, cores: int | None = None) -> str | None:
     """``OMP_NUM_THREADS`` for each of ``workers`` engine processes on this host, or None to leave
-    it alone (one worker, or the operator set it).
+    it alone (the operator set it).
 
-    Unset, every process's torch and OpenMP pools take all cores, and N engines on one host fight
-    over them: on the two-GPU machine (32 cores, GPU session 10) ``--gpus 0,1`` ran at 22.6
-    pages/s with the default and 28.0 with 4 threads each, while one GPU alone ran 16.5 either way.
+    Unset, every process's torch and OpenMP pools take all cores, and they fight the render
+    workers and each other: on the two-GPU machine (32 cores, GPU session 10) ``--gpus 0,1`` ran
+    at 22.6 pages/s with the default and 28.0 with 4 threads each; two engines on one H100 (16
+    cores, so 2 each) went from 15.2 to 18.0. One plain CLI alone is no exception: in GPU session
+    12 one H200 ran at 12.9 pages/s with its pools unset and 16.7-18.3 with 4 threads.
     A quarter of each worker's share of the cores (the rest is its render processes and vLLM's
-    own threads) gives those 4 there; vLLM caps its own multi-GPU workers the same way (to 1).
-    Two engines on one H100 (16 cores, so 2 each) went from 15.2 to 18.0 pages/s with it."""
+    own threads), at most ``MAX_TORCH_THREADS``; vLLM caps its own multi-GPU workers the same
+    way (to 1)."""
     env = os.environ if environ is None else environ
-    if workers <= 1 or "OMP_NUM_THREADS" in env:
+    if "OMP_NUM_THREADS" in env:
         return None
     if cores is None:
         cores = len(_allowed_cpus()) or os.cpu_count() or 1
-    return str(max(1, cores // (4 * workers)))
+    return str(max(1, min(MAX_TORCH_THREADS, cores // (4 * max(1, workers)))))
+
+
+def cap_torch_threads(environ: Any = None) -> str | None:
+    """Give this engine process (a plain CLI run, or a launcher worker the operator left unset)
+    ``worker_torch_threads``'s value in its environment, before torch is imported, so vLLM's
+    engine core and every child inherit it. Returns the value set, or None when it was set."""
+    env = os.environ if environ is None else environ
+    threads = worker_torch_threads(max(1, workers_on_host()), env)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = threads
+        if "torch" in sys.modules:  # imported already (a library caller): its pool is sized
+            sys.modules["torch"].set_num_threads(int(threads))
+    return threads
 
 
 CPU_SET_ENV = "RUNNER_CPU_SET"  # the cores a worker pins itself (and its children) to
@@ -465,8 +483,7 @@ class MpsDaemon:
         exe = shutil.which(self.binary)
         if exe is None:
             raise ValueError(
-                f"--mps: {self.binary} not found on PATH (it comes with the NVIDIA driver); "
-                "run without --mps"
+                f"--mps: {self.binary} not found on PATH (it comes with the NVIDIA driver); run without --mps"
             )
         self.pipe.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)

@@ -150,22 +150,56 @@ def test_engines_per_gpu_split_the_memory_share_and_share_a_start_lock(tmp_path)
 
 def test_workers_on_one_host_get_a_share_of_the_cores_for_torch_threads(monkeypatch) -> None:
     """Several engine processes on one host each get OMP_NUM_THREADS (a quarter of their share of
-    the cores), unless the operator set it; one worker keeps the process default."""
+    the cores, at most 4), unless the operator set it; one worker alone is capped too (GPU session
+    12: one plain CLI on 32 cores ran 12.9 pages/s unset, 16.7-18.3 with 4)."""
     from runner.launcher import worker_torch_threads
 
     assert worker_torch_threads(2, environ={}, cores=32) == "4"
     assert worker_torch_threads(8, environ={}, cores=96) == "3"
     assert worker_torch_threads(4, environ={}, cores=8) == "1"
-    assert worker_torch_threads(1, environ={}, cores=32) is None
+    assert worker_torch_threads(1, environ={}, cores=32) == "4"
+    assert worker_torch_threads(1, environ={}, cores=8) == "2"
+    assert worker_torch_threads(2, environ={}, cores=128) == "4"
     assert worker_torch_threads(2, environ={"OMP_NUM_THREADS": "8"}, cores=32) is None
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     specs = plan_workers(["--output-dir", "o"], ["0", "1"], ("py",))
     assert len({dict(s.env).get("OMP_NUM_THREADS") for s in specs}) == 1
     assert int(dict(specs[0].env)["OMP_NUM_THREADS"]) >= 1
     [one] = plan_workers(["--output-dir", "o"], ["0"], ("py",))
-    assert "OMP_NUM_THREADS" not in dict(one.env)
+    assert int(dict(one.env)["OMP_NUM_THREADS"]) >= 1
     monkeypatch.setenv("OMP_NUM_THREADS", "6")
     assert all("OMP_NUM_THREADS" not in dict(s.env) for s in plan_workers([], ["0", "1"], ("py",)))
+
+
+def test_engine_process_caps_its_torch_threads_before_torch_starts() -> None:
+    """``cap_torch_threads`` (the CLI calls it before anything imports torch) sets OMP_NUM_THREADS
+    for this process's torch pool and every child it starts (vLLM's engine core, render workers);
+    a torch imported earlier is resized; an operator's value is left alone."""
+    code = (
+        "import os, subprocess, sys; {pre}from runner.launcher import cap_torch_threads; "
+        "t = cap_torch_threads(); import torch; "
+        "child = subprocess.run([sys.executable, '-c', 'import os; print(os.environ.get(\"OMP_NUM_THREADS\"))'], "
+        "capture_output=True, text=True, check=True).stdout.strip(); "
+        "print(t, torch.get_num_threads(), child)"
+    )
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "RUNNER_WORKERS_ON_HOST")}
+    base["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    cores = len(os.sched_getaffinity(0))
+    want = str(max(1, min(4, cores // 4)))
+    for pre in ("", "import torch; "):
+        out = subprocess.run(
+            [sys.executable, "-c", code.format(pre=pre)], env=base, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == [want, want, want], (pre, out.stdout)
+    out = subprocess.run(
+        [sys.executable, "-c", code.format(pre="")],
+        env={**base, "OMP_NUM_THREADS": "3"},
+        capture_output=True,
+        text=True,
+    )
+    t, _torch_threads, child = out.stdout.split()  # torch itself clamps to the cores it has
+    assert (t, child) == ("None", "3"), out.stdout
 
 
 def test_pinned_workers_get_disjoint_whole_cores(monkeypatch) -> None:
