@@ -178,7 +178,8 @@ def test_engine_process_caps_its_torch_threads_before_torch_starts() -> None:
     code = (
         "import os, subprocess, sys; {pre}from runner.launcher import cap_torch_threads; "
         "t = cap_torch_threads(); import torch; "
-        "child = subprocess.run([sys.executable, '-c', 'import os; print(os.environ.get(\"OMP_NUM_THREADS\"))'], "
+        "child = subprocess.run([sys.executable, '-c', "
+        "'import os; print(os.environ.get(\"OMP_NUM_THREADS\"))'], "
         "capture_output=True, text=True, check=True).stdout.strip(); "
         "print(t, torch.get_num_threads(), child)"
     )
