@@ -550,3 +550,36 @@ def test_lost_page_data_becomes_an_error_output_not_a_hang(cluster, tmp_path):
     assert set(outs) == {"ok", "lost"}
     assert outs["ok"].error is None and "text of page 1" in outs["ok"].text
     assert outs["lost"].error is not None and "page data lost" in outs["lost"].error
+
+
+def test_driver_heartbeat_reports_actor_calls_and_actors_log_info(cluster, tmp_path, monkeypatch, caplog):
+    """The driver's heartbeat line counts what came back and times the actor calls (how long a
+    submit waited behind a poll); the actors' own INFO lines are configured (Ray forwards their
+    stderr to the driver), so a GPU run shows each engine's step heartbeat."""
+    import logging
+
+    from fakes import FakeFactory
+
+    import runner.executors.ray_engine as ray_engine
+
+    monkeypatch.setattr(ray_engine, "HEARTBEAT_S", 0.0)
+    src = tmp_path / "in"
+    pdfgen.text_pdf(src / "a.pdf", pages=6)
+    with caplog.at_level(logging.INFO, logger="runner.executors.ray_engine"):
+        run_on_ray(_config(src, tmp_path / "ray"), FakeFactory(delay_s=0.02, max_batch=2))
+    beats = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ray engine: ")]
+    assert beats, "no heartbeat line"
+    last = beats[-1]
+    assert "answered=6" in last and "round trip mean" in last
+    assert any("submit calls 0," not in b for b in beats)  # some line timed a submit call
+
+    ray_engine._actor_logging()
+    ray_engine._actor_logging()  # idempotent: one handler
+    lg = logging.getLogger("runner")
+    try:
+        assert lg.level == logging.INFO and not lg.propagate
+        assert sum(getattr(h, "_runner_actor", False) for h in lg.handlers) == 1
+    finally:
+        for h in [h for h in lg.handlers if getattr(h, "_runner_actor", False)]:
+            lg.removeHandler(h)
+        lg.propagate, lg.level = True, logging.NOTSET

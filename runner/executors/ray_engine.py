@@ -40,6 +40,7 @@ from runner.records import EngineOutput, PageRequest
 log = logging.getLogger(__name__)
 
 _ACTOR_POLL_S = 0.05  # longest an actor's poll blocks: submits queue behind it
+HEARTBEAT_S = 10.0  # the driver logs the pool's state this often while it has work
 # Engine attributes the scheduler reads with getattr, and the defaults it assumes when absent.
 _DESCRIBED = {
     "name": "engine",
@@ -65,6 +66,7 @@ class _EngineActor:
         import os
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        _actor_logging()
         if engine_factory is None:
             from runner.engines import create_engine
 
@@ -125,6 +127,20 @@ class _EngineActor:
         self.engine.close()
 
 
+def _actor_logging() -> None:
+    """The project's INFO lines (the engine's heartbeat: steps, pending, add_ms) go to the actor's
+    stderr, which Ray forwards to the driver prefixed with the actor's pid; without this an actor
+    logs only warnings and the GPU runs cannot be compared with the local executor's."""
+    lg = logging.getLogger("runner")
+    if not any(getattr(h, "_runner_actor", False) for h in lg.handlers):
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        h._runner_actor = True  # type: ignore[attr-defined]
+        lg.addHandler(h)
+        lg.setLevel(logging.INFO)
+        lg.propagate = False
+
+
 _ACTOR_CLS: list[Any] = []
 
 
@@ -150,9 +166,38 @@ class _Slot:
     poll_ref: Any = None
     inflight: set[str] = field(default_factory=set)
     submits: dict[Any, list[str]] = field(default_factory=dict)  # submit call -> its request ids
+    sent_at: dict[Any, float] = field(default_factory=dict)  # submit or poll call -> when it was made
     restarts: int = 0
     retired: bool = False
     pid: int = 0
+
+
+@dataclass
+class _Beat:
+    """What the driver saw of its actor calls since the last heartbeat line: a submit call's round
+    trip includes its wait behind the actor's poll and the fetch of its pages' data."""
+
+    last: float = field(default_factory=time.monotonic)
+    answered: int = 0  # outputs since the pool started (carried over)
+    submits: int = 0
+    submitted: int = 0
+    submit_s: float = 0.0
+    submit_max_s: float = 0.0
+    polls: int = 0
+    poll_s: float = 0.0
+
+    def took(self, sent: float | None, requests: int | None = None) -> None:
+        if sent is None:
+            return
+        dt = time.monotonic() - sent
+        if requests is None:
+            self.polls += 1
+            self.poll_s += dt
+        else:
+            self.submits += 1
+            self.submitted += requests
+            self.submit_s += dt
+            self.submit_max_s = max(self.submit_max_s, dt)
 
 
 class RayEngine:
@@ -194,6 +239,7 @@ class RayEngine:
         self._queue: deque[PageRequest] = deque()
         self._requests: dict[str, tuple[PageRequest, int | None]] = {}  # id -> (request, slot index)
         self._alone: set[str] = set()  # requests of a failed submit batch: resent one per call
+        self._beat = _Beat()
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -222,7 +268,7 @@ class RayEngine:
             opts["num_gpus"] = self.num_gpus
         slot.actor = _actor_cls().options(**opts).remote(self.config, self.engine_factory)
         slot.start_ref = slot.actor.start.remote()
-        slot.ready, slot.poll_ref, slot.inflight, slot.submits = False, None, set(), {}
+        slot.ready, slot.poll_ref, slot.inflight, slot.submits, slot.sent_at = False, None, set(), {}, {}
         return slot
 
     def restart(self) -> None:
@@ -274,6 +320,7 @@ class RayEngine:
         for s in self._slots:
             if s.ready and s.inflight and s.poll_ref is None:
                 s.poll_ref = s.actor.poll.remote(_ACTOR_POLL_S)
+                s.sent_at[s.poll_ref] = time.monotonic()
         waits = {s.poll_ref: s for s in self._slots if s.poll_ref is not None}
         waits.update({s.start_ref: s for s in self._slots if s.start_ref is not None})
         waits.update({ref: s for s in self._slots for ref in s.submits})
@@ -295,7 +342,29 @@ class RayEngine:
             elif ref is s.poll_ref:
                 outs.extend(self._on_polled(s))
         self._flush()
+        self._beat.answered += len(outs)
+        self._heartbeat()
         return outs
+
+    def _heartbeat(self) -> None:
+        now = time.monotonic()
+        b = self._beat
+        if now - b.last < HEARTBEAT_S:
+            return
+        log.info(
+            "ray engine: queued=%d in_actors=%s answered=%d | submit calls %d, %.1f requests each, "
+            "round trip mean %.1f ms max %.1f ms | polls %d, round trip mean %.1f ms",
+            len(self._queue),
+            [len(s.inflight) for s in self._slots],
+            b.answered,
+            b.submits,
+            b.submitted / b.submits if b.submits else 0.0,
+            1000 * b.submit_s / b.submits if b.submits else 0.0,
+            1000 * b.submit_max_s,
+            b.polls,
+            1000 * b.poll_s / b.polls if b.polls else 0.0,
+        )
+        self._beat = _Beat(last=now, answered=b.answered)
 
     # -- internals ------------------------------------------------------------------------------
     def _flush(self) -> None:
@@ -330,7 +399,9 @@ class RayEngine:
                 extra = {**r.image.extra, HEAVY_KEY: True}  # a flag; the data is a top-level arg
                 r = dataclasses.replace(r, image=dataclasses.replace(r.image, extra=extra))
             sent.append(r)
-        s.submits[s.actor.submit.remote(sent, *heavy)] = [r.request_id for r in batch]
+        ref = s.actor.submit.remote(sent, *heavy)
+        s.submits[ref] = [r.request_id for r in batch]
+        s.sent_at[ref] = time.monotonic()
         for r in batch:
             s.inflight.add(r.request_id)
             self._requests[r.request_id] = (r, s.index)
@@ -354,6 +425,7 @@ class RayEngine:
         import ray
 
         ids = s.submits.pop(ref)
+        self._beat.took(s.sent_at.pop(ref, None), len(ids))
         try:
             ray.get(ref)
         except ray.exceptions.RayActorError:
@@ -384,6 +456,7 @@ class RayEngine:
         import ray
 
         ref, s.poll_ref = s.poll_ref, None
+        self._beat.took(s.sent_at.pop(ref, None))
         try:
             outs, lost, died = ray.get(ref)
         except ray.exceptions.RayActorError as e:
@@ -444,6 +517,7 @@ class RayEngine:
             with contextlib.suppress(ray.exceptions.RayError, ValueError):
                 ray.kill(s.actor, no_restart=True)
         s.actor, s.ready, s.retired, s.submits, s.poll_ref, s.start_ref = None, False, True, {}, None, None
+        s.sent_at = {}
         if all(x.retired for x in self._slots):
             raise EngineDied(f"all {len(self._slots)} engine actor(s) exhausted their restarts")
 

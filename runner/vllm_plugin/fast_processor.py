@@ -23,6 +23,7 @@ OCR-2's encoder mask is built without a per-query Python loop (``encoder_mask``;
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -227,7 +228,9 @@ def prepared_to_mm_data(prepared: Any) -> dict[str, torch.Tensor]:
     """``PreparedImage`` (the views' uint8 pixels) -> the tensors dict the parser accepts (no
     copy). They stay uint8 up to the model, which normalises them on the GPU
     (``batched_encoder.pixels_to_model_dtype``)."""
-    g = torch.from_numpy(prepared.global_view).unsqueeze(0)
-    c = torch.from_numpy(prepared.crops)
+    with warnings.catch_warnings():  # read-only views (Ray's object store, shared memory): never written
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        g = torch.from_numpy(prepared.global_view).unsqueeze(0)
+        c = torch.from_numpy(prepared.crops)
     s = torch.tensor([list(prepared.tiles)], dtype=torch.long)
     return {"pixel_values": g, "images_crop": c, "images_spatial_crop": s}
