@@ -82,3 +82,31 @@ def test_busy_timeline_shows_ramps_the_mean_hides() -> None:
     out = m.summary(t0, t0 + 20)
     assert out["gpu_busy_timeline"] == {"bucket_s": 5, "busy": [0.0, 1.0, None, 0.5]}
     assert out["gpu_busy_fraction"] == round((0 + 0 + 0 + 100 + 100 + 50) / 6 / 100, 3)
+
+
+def test_host_cpu_and_memory_timelines() -> None:
+    """Host cores busy and host memory (used, shared) per bucket of the run: whether a ramp is
+    CPU-bound, and whether pages held in shared memory or Ray's object store grow with the window."""
+    m = bench.Monitor()
+    t0 = 500.0
+    ncpu = os.cpu_count() or 1
+    m.samples = [
+        (t0 - 1, [], [], 100.0),
+        (t0 + 1, [], [], 50.0),
+        (t0 + 2, [], [], 100.0),
+        (t0 + 11, [], [], 25.0),
+    ]
+    m.host_mem = [(t0 - 1, 99.0, 9.0), (t0 + 1, 10.0, 2.0), (t0 + 3, 12.0, 4.0), (t0 + 11, 11.0, 1.0)]
+    out = m.summary(t0, t0 + 12)
+    assert out["host_cores_busy_timeline"] == [round(75.0 * ncpu / 100, 1), None, round(25.0 * ncpu / 100, 1)]
+    assert out["host_mem_used_timeline_gib"] == [12.0, None, 11.0]  # the sample before t0 is start-up
+    assert out["host_mem_shared_timeline_gib"] == [4.0, None, 1.0]
+    assert (out["host_mem_used_peak_gib"], out["host_mem_shared_peak_gib"]) == (12.0, 4.0)
+
+
+def test_sampler_records_host_memory() -> None:
+    import time
+
+    with bench.Monitor(period=0.01) as m:
+        time.sleep(0.1)
+    assert m.host_mem and all(used > 0 for _, used, _ in m.host_mem)

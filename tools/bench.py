@@ -179,6 +179,9 @@ class Monitor:
         self._proc_names: dict[int, str] = {}  # pid -> "pid cmdline", read once per process
         #: (time, "pid name", GiB) per sample: the per-process peak of the run alone, not start-up
         self.proc_samples: list[tuple[float, str, float]] = []
+        #: (time, host memory used GiB, of which shared memory GiB: /dev/shm pages and Ray's
+        #: object store live there) per sample
+        self.host_mem: list[tuple[float, float, float]] = []
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
@@ -213,7 +216,10 @@ class Monitor:
                     utils.append(float(pynvml.nvmlDeviceGetUtilizationRates(h).gpu))
                     mems.append(pynvml.nvmlDeviceGetMemoryInfo(h).used / 2**30)
                     self._sample_processes(pynvml, h, psutil)
-            self.samples.append((time.time(), utils, mems, psutil.cpu_percent(None)))
+            now = time.time()
+            self.samples.append((now, utils, mems, psutil.cpu_percent(None)))
+            vm = psutil.virtual_memory()
+            self.host_mem.append((now, vm.used / 2**30, getattr(vm, "shared", 0) / 2**30))
 
     def _sample_processes(self, pynvml: Any, handle: Any, psutil: Any) -> None:
         try:
@@ -277,6 +283,29 @@ class Monitor:
                     for i in range(max(buckets) + 1)
                 ],
             }
+        # Host CPU and memory per TIMELINE_S too: whether a ramp is CPU-bound, and whether pages
+        # held in shared memory (or Ray's object store) grow with the in-flight window.
+        if cpus:
+            cb: dict[int, list[float]] = {}
+            for x in s:
+                cb.setdefault(int((x[0] - t0) // TIMELINE_S), []).append(x[3])
+            out["host_cores_busy_timeline"] = [
+                round(sum(cb[i]) / len(cb[i]) * ncpu / 100, 1) if i in cb else None
+                for i in range(max(cb) + 1)
+            ]
+        hm = [x for x in self.host_mem if t0 <= x[0] <= t1]
+        if hm:
+            mb: dict[int, list[tuple[float, float, float]]] = {}
+            for x in hm:
+                mb.setdefault(int((x[0] - t0) // TIMELINE_S), []).append(x)
+            out["host_mem_used_peak_gib"] = round(max(x[1] for x in hm), 1)
+            out["host_mem_shared_peak_gib"] = round(max(x[2] for x in hm), 1)
+            out["host_mem_used_timeline_gib"] = [
+                round(max(x[1] for x in mb[i]), 1) if i in mb else None for i in range(max(mb) + 1)
+            ]
+            out["host_mem_shared_timeline_gib"] = [
+                round(max(x[2] for x in mb[i]), 1) if i in mb else None for i in range(max(mb) + 1)
+            ]
         ndev = max((len(x[1]) for x in self.samples), default=0)
         if ndev > 1:
             per = [x[1] for x in s if len(x[1]) == ndev]
