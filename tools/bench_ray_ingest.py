@@ -159,6 +159,14 @@ def main(argv: list[str] | None = None) -> int:
             res = fn(src, Path(tmp) / f"out_{run}", a)
             line = {"run": run, "pages": pages, **{k: round(v, 3) for k, v in res.items()}}
             line["main_cpu_ms_per_page"] = round(1000 * res["main_cpu_s"] / pages, 2)
+            # time inside the render task (open/render/hook), from the page records
+            recs = [
+                json.loads(x)
+                for f in (Path(tmp) / f"out_{run}").glob("*.pages.jsonl")
+                for x in f.read_text().splitlines()
+            ]
+            rs = [r["render_seconds"] for r in recs if r.get("render_seconds") is not None]
+            line["render_ms_per_page_in_task"] = round(1000 * sum(rs) / len(rs), 1) if rs else None
             if "actors_cpu_s" in res:
                 line["actors_cpu_ms_per_page"] = round(1000 * res["actors_cpu_s"] / pages, 2)
             print(json.dumps(line), flush=True)
