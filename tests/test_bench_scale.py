@@ -86,6 +86,7 @@ def test_scale_line_ratios_use_the_conservative_t0() -> None:
     gl = bench.scale_line("gpus", g, prev, n_gpus=2, pages=1536, docs=48)
     assert gl["gpus"] == 2 and gl["executor"] == "local"
     assert gl["pages_per_s"] == 19.2 and gl["scaling"] == 1.92 and gl["scaling_met"] is True
+    assert gl["efficiency"] == 0.96 and one["efficiency"] == 1.0
     assert gl["baseline_pages_per_s"] == 10.0 and gl["scaling_target"] == 1.9
     prev["gpus"] = gl
     r = _res(0.0, 80.0, md_files=48, engines_ready=1, expected_engine_starts=1)

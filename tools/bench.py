@@ -21,11 +21,11 @@ Several GPUs (issues 9 and 10), ``--scale 1,gpus,ray``: the product CLI on one G
 local launcher ``--gpus 0,1``, then ``--executor ray`` with one engine actor per GPU, on the same
 generated PDFs (``--pages-per-gpu`` pages per GPU: the one-GPU run gets K pages, the N-GPU runs
 N*K, so every GPU sees the same work and the same ramp-up and tail). One JSON line per run with
-``gpus``, ``executor``, ``scaling`` (pages/s over the one-GPU run's) and, for Ray,
-``ray_vs_gpus``. The runs can be separate commands (``--scale 1``, then ``--scale gpus``, ...):
+``gpus``, ``executor``, ``scaling`` (pages/s over the one-GPU run's), ``efficiency`` (scaling / N)
+and, for Ray, ``ray_vs_gpus``. The runs can be separate commands (``--scale 1``, then ``--scale gpus``, ...):
 results are kept in ``<work-dir>/scale_results.json`` and later runs are compared with earlier ones
 of the same workload. With several engines the start-up lines come from the workers (the
-launcher keeps their stdout in per-worker logs; Ray actors log nothing of ours), so t0 is read
+launcher keeps their stdout in per-worker logs; Ray forwards its actors' lines), so t0 is read
 from the run's ``--log-file``, where every worker's pipeline writes ``engine vllm started in X s``
 with a wall-clock time stamp (Ray: once, when all actors are ready). Definitions:
 
@@ -961,9 +961,11 @@ def scale_line(
     if run == "1":
         line["baseline_pages_per_s"] = pps
         line["scaling"] = 1.0 if pps else None
+        line["efficiency"] = 1.0 if pps else None
     elif one.get("pages_per_s") and pps:
         line["baseline_pages_per_s"] = one["pages_per_s"]
         line["scaling"] = round(pps / one["pages_per_s"], 3)
+        line["efficiency"] = round(pps / (n_gpus * one["pages_per_s"]), 3)  # issue 13: N-GPU / (N x 1-GPU)
         line["scaling_target"] = round(SCALE_TARGETS["scaling"] * n_gpus / 2, 2)
         line["scaling_met"] = line["scaling"] >= line["scaling_target"]
         if summary.get("pages_per_s") and (one.get("summary_pages_per_s")):
