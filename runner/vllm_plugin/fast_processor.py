@@ -224,13 +224,18 @@ def register() -> None:
     _registered = True
 
 
+# The views can be read-only (zero-copy out of shared memory or Ray's object store); they are never
+# written, so torch's warning about it is noise (set once here: ``catch_warnings`` is not thread-safe).
+warnings.filterwarnings(
+    "ignore", message="The given NumPy array is not writable", category=UserWarning, module=__name__
+)
+
+
 def prepared_to_mm_data(prepared: Any) -> dict[str, torch.Tensor]:
     """``PreparedImage`` (the views' uint8 pixels) -> the tensors dict the parser accepts (no
     copy). They stay uint8 up to the model, which normalises them on the GPU
     (``batched_encoder.pixels_to_model_dtype``)."""
-    with warnings.catch_warnings():  # read-only views (Ray's object store, shared memory): never written
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        g = torch.from_numpy(prepared.global_view).unsqueeze(0)
-        c = torch.from_numpy(prepared.crops)
+    g = torch.from_numpy(prepared.global_view).unsqueeze(0)
+    c = torch.from_numpy(prepared.crops)
     s = torch.tensor([list(prepared.tiles)], dtype=torch.long)
     return {"pixel_values": g, "images_crop": c, "images_spatial_crop": s}
