@@ -55,7 +55,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +161,20 @@ BASELINE_UTIL = 0.9
 
 # -- monitoring ----------------------------------------------------------------------------------
 TIMELINE_S = 5  # seconds per bucket of the busy timeline
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _timeline(
+    points: list[tuple[float, float]], t0: float, reduce: Callable[[list[float]], float]
+) -> list[float | None]:
+    """``reduce`` of the values of each TIMELINE_S bucket after ``t0``; None for an empty one."""
+    buckets: dict[int, list[float]] = {}
+    for t, v in points:
+        buckets.setdefault(int((t - t0) // TIMELINE_S), []).append(v)
+    return [reduce(buckets[i]) if i in buckets else None for i in range(max(buckets) + 1)] if buckets else []
 
 
 class Monitor:
@@ -272,40 +286,22 @@ class Monitor:
         # Busy fraction per TIMELINE_S of the run: a run of few waves (every page forced to the
         # same length) has ramps and tails that the mean hides (GPU session 8).
         if utils:
-            buckets: dict[int, list[float]] = {}
-            for x in s:
-                if x[1]:
-                    buckets.setdefault(int((x[0] - t0) // TIMELINE_S), []).append(sum(x[1]) / len(x[1]))
+            busy = _timeline([(x[0], sum(x[1]) / len(x[1])) for x in s if x[1]], t0, _mean)
             out["gpu_busy_timeline"] = {
                 "bucket_s": TIMELINE_S,
-                "busy": [
-                    round(sum(buckets[i]) / len(buckets[i]) / 100, 2) if i in buckets else None
-                    for i in range(max(buckets) + 1)
-                ],
+                "busy": [None if v is None else round(v / 100, 2) for v in busy],
             }
         # Host CPU and memory per TIMELINE_S too: whether a ramp is CPU-bound, and whether pages
         # held in shared memory (or Ray's object store) grow with the in-flight window.
         if cpus:
-            cb: dict[int, list[float]] = {}
-            for x in s:
-                cb.setdefault(int((x[0] - t0) // TIMELINE_S), []).append(x[3])
-            out["host_cores_busy_timeline"] = [
-                round(sum(cb[i]) / len(cb[i]) * ncpu / 100, 1) if i in cb else None
-                for i in range(max(cb) + 1)
-            ]
+            cores = _timeline([(x[0], x[3]) for x in s], t0, _mean)
+            out["host_cores_busy_timeline"] = [None if v is None else round(v * ncpu / 100, 1) for v in cores]
         hm = [x for x in self.host_mem if t0 <= x[0] <= t1]
         if hm:
-            mb: dict[int, list[tuple[float, float, float]]] = {}
-            for x in hm:
-                mb.setdefault(int((x[0] - t0) // TIMELINE_S), []).append(x)
-            out["host_mem_used_peak_gib"] = round(max(x[1] for x in hm), 1)
-            out["host_mem_shared_peak_gib"] = round(max(x[2] for x in hm), 1)
-            out["host_mem_used_timeline_gib"] = [
-                round(max(x[1] for x in mb[i]), 1) if i in mb else None for i in range(max(mb) + 1)
-            ]
-            out["host_mem_shared_timeline_gib"] = [
-                round(max(x[2] for x in mb[i]), 1) if i in mb else None for i in range(max(mb) + 1)
-            ]
+            for i, name in ((1, "used"), (2, "shared")):
+                out[f"host_mem_{name}_peak_gib"] = round(max(x[i] for x in hm), 1)
+                tl = _timeline([(x[0], x[i]) for x in hm], t0, max)
+                out[f"host_mem_{name}_timeline_gib"] = [None if v is None else round(v, 1) for v in tl]
         ndev = max((len(x[1]) for x in self.samples), default=0)
         if ndev > 1:
             per = [x[1] for x in s if len(x[1]) == ndev]
