@@ -294,16 +294,16 @@ def usable(x: torch.Tensor) -> bool:
     return True
 
 
-def fusable(block: Any, x: torch.Tensor) -> bool:
-    """Whether this block and input take the fused path (else upstream's forward)."""
+def _geometry(block: Any, x: torch.Tensor) -> tuple[int, int, tuple[int, int]] | None:
+    """(heads, head dim, window) when this block and input take the fused path, else None."""
     attn = getattr(block, "attn", None)
     if attn is None or not getattr(attn, "use_rel_pos", False) or x.dim() != 4:
-        return False
+        return None
     nh = attn.num_heads
     d = attn.qkv.out_features // 3 // nh
     win = block.window_size
     wh, ww = (win, win) if win > 0 else (x.shape[1], x.shape[2])
-    return (
+    ok = (
         usable(x)
         and d >= 16
         and d & (d - 1) == 0
@@ -311,6 +311,12 @@ def fusable(block: Any, x: torch.Tensor) -> bool:
         and d + wh + ww + 8 <= sa.MAX_HEAD_DIM
         and attn.qkv.out_features == 3 * nh * d == 3 * x.shape[-1]
     )
+    return (nh, d, (wh, ww)) if ok else None
+
+
+def fusable(block: Any, x: torch.Tensor) -> bool:
+    """Whether this block and input take the fused path (else upstream's forward)."""
+    return _geometry(block, x) is not None
 
 
 def widen(
@@ -394,13 +400,12 @@ def unwiden(
 def fused_block_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     """Drop-in ``Block.forward`` of SAM's ViT (module docstring); upstream's forward where the
     fused path does not apply."""
-    if not fusable(self, x):
+    geometry = _geometry(self, x)
+    if geometry is None:
         return self._runner_upstream_forward(x)  # type: ignore[no-any-return]
+    nh, d, window = geometry
     attn = self.attn
-    b, hs, ws, dim = x.shape
-    nh = attn.num_heads
-    d = dim // nh
-    window = (self.window_size, self.window_size) if self.window_size > 0 else (hs, ws)
+    b, hs, ws, _ = x.shape
     kname = sa.kernel_for(x)
     qkv = attn.qkv(self.norm1(x))
     rh = sa.get_rel_pos(window[0], window[0], attn.rel_pos_h)
