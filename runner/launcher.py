@@ -202,7 +202,7 @@ def cap_torch_threads(environ: Any = None) -> str | None:
     ``worker_torch_threads``'s value in its environment, before torch is imported, so vLLM's
     engine core and every child inherit it. Returns the value set, or None when it was set."""
     env = os.environ if environ is None else environ
-    threads = worker_torch_threads(max(1, workers_on_host()), env)
+    threads = worker_torch_threads(workers_on_host(), env)  # workers_on_host() is >= 1
     if threads is not None:
         env["OMP_NUM_THREADS"] = threads
         if "torch" in sys.modules:  # imported already (a library caller): its pool is sized

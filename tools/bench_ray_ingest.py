@@ -84,18 +84,14 @@ def run_ray(src: Path, out: Path, a: argparse.Namespace) -> dict[str, float]:
     import ray
     from fakes import FakeFactory
 
-    from runner.executors.ray_executor import RayOptions, init_ray, make_pipeline
+    from runner.executors.ray_executor import RayOptions, make_pipeline
     from runner.naming import docs_from_rels
     from runner.progress import Progress
     from runner.storage import LocalStorage
 
-    opts = RayOptions(
-        render_tasks=a.render_tasks,
-        engine_actors=a.engine_actors,
-        extra_pythonpath=(str(TESTS),),
-        include_dashboard=False,
-    )
-    # Logical CPUs for the render tasks and the actors (num_cpus=1 each), whatever this box has.
+    opts = RayOptions(render_tasks=a.render_tasks, engine_actors=a.engine_actors)
+    # Connected here rather than by init_ray: the cluster needs logical CPUs for the render tasks
+    # and the actors (num_cpus=1 each) whatever this box has, and tests/ on the workers' path.
     env = {"PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]), "TOKENIZERS_PARALLELISM": "false"}
     ray.init(
         num_cpus=a.render_tasks + a.engine_actors,
@@ -103,7 +99,6 @@ def run_ray(src: Path, out: Path, a: argparse.Namespace) -> dict[str, float]:
         log_to_driver=False,
         runtime_env={"env_vars": env},
     )
-    init_ray(opts)  # already connected: only checks
     try:
         cfg = _config(src, out, a.render_tasks, a.window)
         docs = docs_from_rels(list(cfg.inputs))
