@@ -282,9 +282,11 @@ def test_sigterm_closes_the_engine_keeps_what_is_written_and_exits_143(tmp_path)
     args += ["--progress", "log", "--retries", "0", "--no-large-pass", "--log-file", str(tmp_path / "l.log")]
     p = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 60
-    while time.time() < deadline and not list((tmp_path / "o").glob("*.md")):
-        time.sleep(0.1)  # the first PDF is written: the run is under way
-    assert list((tmp_path / "o").glob("*.md")), "the run never wrote a PDF"
+    # the first PDF is finished (its done marker comes after its Markdown: waiting for the
+    # Markdown alone let a loaded CI box send the signal between the two, leaving no marker)
+    while time.time() < deadline and not list((tmp_path / "o").glob("*.done")):
+        time.sleep(0.1)
+    assert list((tmp_path / "o").glob("*.done")), "the run never finished a PDF"
     os.kill(p.pid, signal.SIGTERM)
     out, _ = p.communicate(timeout=60)
     assert p.returncode == 143, out
