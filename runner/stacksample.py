@@ -7,13 +7,23 @@ samples. No ptrace and no extra dependency (py-spy needs ptrace, which container
 The sampler needs the GIL to look, so it sees threads at their switch points: a GIL-bound
 thread is sampled in proportion to its GIL time, which is the quantity of interest here (the CLI
 process's main thread and vLLM feeding thread share one GIL).
+
+``RUNNER_STACK_SAMPLE_CORE=1`` (with ``RUNNER_STACK_SAMPLE``) samples vLLM's engine-core process
+over the same window: the CLI touches a trigger file named after its pid when the engine is ready,
+and the vLLM plugin, which runs in the engine core (a child of the CLI process), waits for its
+parent's trigger (``watch_in_child_from_env``) and logs its own threads through vLLM's logger, so
+the summary lands in the CLI's log beside the engine core's other lines. A thread blocked in C
+(a CUDA sync, a socket) keeps its Python frame, so waiting shows up where it is waited for.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
+import multiprocessing
 import os
+import tempfile
 import sys
 import threading
 import time
@@ -67,19 +77,68 @@ def summarise(samples: Samples, top: int = 15) -> str:
     return "\n".join(lines)
 
 
-def start_from_env() -> threading.Thread | None:
+def _spec() -> tuple[float, float] | None:
+    """``RUNNER_STACK_SAMPLE="DURATION[:INTERVAL_MS]"`` as (seconds, seconds), or None."""
     spec = os.environ.get("RUNNER_STACK_SAMPLE")
     if not spec:
         return None
     parts = spec.split(":")
-    duration = float(parts[0])
-    interval = float(parts[1]) / 1000 if len(parts) > 1 else 0.005
+    return float(parts[0]), (float(parts[1]) / 1000 if len(parts) > 1 else 0.005)
 
-    def run() -> None:
-        t0 = time.monotonic()
-        res = sample(duration, interval)
-        log.info("stack samples over %.1f s:\n%s", time.monotonic() - t0, summarise(res))
 
-    t = threading.Thread(target=run, name="stack-sampler", daemon=True)
+def trigger_path(pid: int) -> str:
+    """The file a CLI process touches when its engine is ready (read by its engine core)."""
+    return os.path.join(tempfile.gettempdir(), f"runner-stacksample-{pid}")
+
+
+def _sample_and_log(duration: float, interval: float, logger: logging.Logger, what: str, top: int) -> None:
+    t0 = time.monotonic()
+    res = sample(duration, interval)
+    logger.info("stack samples%s over %.1f s:\n%s", what, time.monotonic() - t0, summarise(res, top))
+
+
+def start_from_env() -> threading.Thread | None:
+    spec = _spec()
+    if spec is None:
+        return None
+    if os.environ.get("RUNNER_STACK_SAMPLE_CORE") == "1":
+        with open(trigger_path(os.getpid()), "w"):
+            pass
+    t = threading.Thread(
+        target=_sample_and_log, args=(*spec, log, "", 15), name="stack-sampler", daemon=True
+    )
     t.start()
     return t
+
+
+def watch_in_child_from_env(
+    logger: logging.Logger, poll_s: float = 0.2, give_up_s: float = 3600.0
+) -> threading.Thread | None:
+    """In a child process (vLLM's engine core): once the parent touches its trigger, sample this
+    process's threads for the window and log the summary (25 functions per list)."""
+    spec = _spec()
+    if spec is None or os.environ.get("RUNNER_STACK_SAMPLE_CORE") != "1":
+        return None
+    global _core_watch
+    if multiprocessing.parent_process() is None:  # the CLI process itself: start_from_env's job
+        return None
+    if _core_watch is not None:  # vLLM may load its plugins more than once in a process
+        return _core_watch
+    path = trigger_path(os.getppid())
+
+    def run() -> None:
+        end = time.monotonic() + give_up_s
+        while not os.path.exists(path):
+            if time.monotonic() > end:
+                return
+            time.sleep(poll_s)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        _sample_and_log(*spec, logger, f" (engine core, pid {os.getpid()})", 25)
+
+    t = _core_watch = threading.Thread(target=run, name="stack-sampler-core", daemon=True)
+    t.start()
+    return t
+
+
+_core_watch: threading.Thread | None = None

@@ -132,6 +132,13 @@ for step in "$@"; do
             --tag ${RDTAG:-rampdiag} --cli-extra --engines-per-gpu 2 2>&1 | tail -1 | cut -c1-1500
           for f in /tmp/rd/worker_logs/*.log; do echo "--- $f"; grep -E "vllm engine: pending|stack samples|^thread |^  (inclusive|self)" "$f" | head -30 | cut -c1-900; done
           tar czf "$OUT/rampdiag_worker_logs.tgz" -C /tmp/rd worker_logs 2>/dev/null ;;
+    corediag) log "corediag: two engines on GPU 0 (--mps), product only; stack samples of each CLI and of each engine core for ${SSDUR:-25} s after ready"
+          RUNNER_STACK_SAMPLE=${SSDUR:-25}:5 RUNNER_STACK_SAMPLE_CORE=1 timeout -k 20 ${RDTO:-420} python3 tools/bench.py --model-dir $M/${RDMODEL:-deepseek-ocr} --pages ${PAGES:-1536} \
+            --max-num-seqs ${SEQS:-384} --baseline off --product cli --gpus 0 --product-timeout ${RDTO2:-400} --work-dir /tmp/cd --jsonl "$OUT/benchmarks.jsonl" \
+            --tag ${RDTAG:-corediag} --cli-extra --engines-per-gpu 2 ${CDEXTRA:---mps} 2>&1 | tail -1 | cut -c1-1500
+          pkill -x nvidia-cuda-mps-control 2>/dev/null; pkill -x nvidia-cuda-mps-server 2>/dev/null
+          for f in /tmp/cd/worker_logs/*.log; do echo "--- $f"; grep -E "vllm engine: pending|stack samples|thread |  (inclusive|self)" "$f" | head -40 | cut -c1-1600; done
+          tar czf "$OUT/corediag_worker_logs.tgz" -C /tmp/cd worker_logs 2>/dev/null ;;
     pcab) for pc in false true; do log "pcab enable_prefix_caching=$pc (one engine, same pages)"   # prefix caching A/B (default: off)
           timeout -k 10 ${PCTO:-280} python3 tools/bench.py --model-dir $M/deepseek-ocr --pages ${PAGES:-768} --max-num-seqs ${SEQS:-512} --baseline off \
             --product cli --product-timeout ${PCTOP:-270} --work-dir /tmp/pc_$pc --jsonl "$OUT/benchmarks.jsonl" --tag prefix-caching-$pc \

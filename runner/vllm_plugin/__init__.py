@@ -21,9 +21,12 @@ def register_all() -> None:
     if os.environ.get("RUNNER_VLLM_PLUGIN", "1") == "0":
         return
     try:
+        from runner import stacksample
         from runner.vllm_plugin.fast_processor import register
 
         register()
+        # diagnostics, off by default: the engine core samples its own threads (RUNNER_STACK_SAMPLE_CORE)
+        stacksample.watch_in_child_from_env(logging.getLogger("vllm.deepseek_ocr_pipeline"))
     except Exception:  # vLLM calls this in every process: a failure here must not stop vLLM
         logging.getLogger("vllm.deepseek_ocr_pipeline").exception(
             "deepseek-ocr-pipeline plugin not registered; upstream's model code runs"
