@@ -23,8 +23,8 @@ import contextlib
 import logging
 import multiprocessing
 import os
-import tempfile
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -104,9 +104,7 @@ def start_from_env() -> threading.Thread | None:
     if os.environ.get("RUNNER_STACK_SAMPLE_CORE") == "1":
         with open(trigger_path(os.getpid()), "w"):
             pass
-    t = threading.Thread(
-        target=_sample_and_log, args=(*spec, log, "", 15), name="stack-sampler", daemon=True
-    )
+    t = threading.Thread(target=_sample_and_log, args=(*spec, log, "", 15), name="stack-sampler", daemon=True)
     t.start()
     return t
 

@@ -464,3 +464,48 @@ def test_larger_views_than_profiled_are_encoded_in_smaller_chunks(
     assert len(got) == len(want) == 4
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+class _SlowParam(nn.Parameter):
+    """Stands in for vLLM's ``BasevLLMParameter``: a Parameter subclass with a Python
+    ``__torch_function__`` (that is what made each op on it detour through the interpreter)."""
+
+    seen = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        cls.seen += 1
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_vision_parameters_become_plain_with_the_same_storage_and_results(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from runner.vllm_plugin.batched_encoder import plain_vision_parameters
+
+    torch.manual_seed(2)
+    m = Batched1()
+    lin = m.vision_model.lin
+    lin.weight = _SlowParam(lin.weight.data.clone(), requires_grad=False)
+    m.projector.bias = _SlowParam(m.projector.bias.data.clone(), requires_grad=False)
+    lm_head = nn.Linear(3, 3)  # anything outside the vision modules is left alone
+    lm_head.weight = _SlowParam(lm_head.weight.data.clone(), requires_grad=False)
+    m.language_model = lm_head
+    g, c, s = _inputs([(2, 3), (1, 1)])
+    with torch.no_grad():
+        want = m._pixel_values_to_embedding(g, c, s)
+        assert _SlowParam.seen > 0
+        storage = lin.weight.data_ptr()
+        monkeypatch.setenv("RUNNER_PLAIN_VISION_PARAMS", "0")
+        assert plain_vision_parameters(m, base=_SlowParam) == 0  # switched off: untouched
+        monkeypatch.delenv("RUNNER_PLAIN_VISION_PARAMS")
+        assert plain_vision_parameters(m, base=_SlowParam) == 2
+        assert type(lin.weight) is nn.Parameter and lin.weight.data_ptr() == storage
+        assert type(m.projector.bias) is nn.Parameter
+        assert type(lm_head.weight) is _SlowParam
+        _SlowParam.seen = 0
+        got = m._pixel_values_to_embedding(g, c, s)
+    assert _SlowParam.seen == 0  # no op detours through the subclass any more
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert plain_vision_parameters(m, base=_SlowParam) == 0  # idempotent

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import time
 
 import pdfgen
 import pytest
 
+from runner import render
 from runner.render import OpenTask, RenderPool, RenderTask
 
 
@@ -119,3 +121,24 @@ def test_workers_that_cannot_start_fail_tasks_instead_of_hanging(tmp_path):
         pool.submit(RenderTask(1, "a", str(p), 0, dpi=72))
         (r,) = _collect_all(pool, 1, limit_s=90)
     assert r.kind == "crash" and "while starting" in r.message
+
+
+def _niceness(pid: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, pid)
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="POSIX priorities")
+def test_render_workers_run_at_a_lower_priority_than_the_process_that_feeds_the_engine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(render.RENDER_NICE_ENV, raising=False)
+    mine = _niceness(os.getpid())
+    with RenderPool(workers=1) as pool:
+        pool.wait_ready()
+        worker = pool._pool[0].proc.pid
+        assert _niceness(worker) == min(19, mine + render.DEFAULT_RENDER_NICE)
+    assert _niceness(os.getpid()) == mine  # the parent keeps its own
+    monkeypatch.setenv(render.RENDER_NICE_ENV, "0")  # the operator can keep them level
+    with RenderPool(workers=1) as pool:
+        pool.wait_ready()
+        assert _niceness(pool._pool[0].proc.pid) == mine

@@ -154,3 +154,34 @@ def test_whole_sam_encoder_equals_upstream_in_float64() -> None:
             assert sa.patch_sam_attention(sam) == 12
             got = sam(x)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_rel_pos_tables_are_cached_per_grid_and_follow_weight_updates(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.manual_seed(3)
+    m = RelPosAttention(96, 6, (16, 16)).double()
+    random_init(m)
+    calls: list[tuple[int, int]] = []
+    real = sa.get_rel_pos
+
+    def counting(q: int, k: int, rel: torch.Tensor) -> torch.Tensor:
+        calls.append((q, k))
+        return real(q, k, rel)
+
+    monkeypatch.setattr(sa, "get_rel_pos", counting)
+    with torch.no_grad():
+        a = sa.rel_pos_tables(m, 16, 16)
+        b = sa.rel_pos_tables(m, 10, 10)  # a global block also sees the crops' smaller grid
+        assert sa.rel_pos_tables(m, 16, 16) is a and sa.rel_pos_tables(m, 10, 10) is b
+        assert calls == [(16, 16), (16, 16), (10, 10), (10, 10)]  # computed once per grid
+        torch.testing.assert_close(a[0], real(16, 16, m.rel_pos_h), rtol=0, atol=0)
+        torch.testing.assert_close(b[1], real(10, 10, m.rel_pos_w), rtol=0, atol=0)
+        m.rel_pos_h.mul_(2)  # an in-place weight update (a reload) is seen
+        c = sa.rel_pos_tables(m, 16, 16)
+        torch.testing.assert_close(c[0], real(16, 16, m.rel_pos_h), rtol=0, atol=0)
+        assert not torch.equal(c[0], a[0])
+    # with autograd live the tables are built each time (the cache holds no graph)
+    n = len(calls)
+    sa.rel_pos_tables(m, 16, 16)
+    assert len(calls) == n + 2

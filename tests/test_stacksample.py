@@ -43,7 +43,7 @@ def test_off_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not t.is_alive()
 
 
-def _child(q: "multiprocessing.Queue[str]") -> None:
+def _child(q: multiprocessing.Queue[str]) -> None:
     """A spawned child, as vLLM's engine core is: its watcher waits for the parent's trigger."""
     import logging
 
@@ -68,7 +68,7 @@ def test_the_engine_core_samples_itself_once_its_parent_is_ready(
     # the CLI process itself (no multiprocessing parent) does not watch
     assert stacksample.watch_in_child_from_env(logging.getLogger("x")) is None
     ctx = multiprocessing.get_context("spawn")
-    q: "multiprocessing.Queue[str]" = ctx.Queue()
+    q: multiprocessing.Queue[str] = ctx.Queue()
     p = ctx.Process(target=_child, args=(q,))
     p.start()
     try:

@@ -192,6 +192,45 @@ def uniform_groups(kwargs: dict[str, Any]) -> list[dict[str, Any]] | None:
     return groups
 
 
+VISION_MODULES = ("sam_model", "vision_model", "qwen2_model", "projector")
+
+
+def _vllm_parameter_class() -> type | None:
+    try:
+        from vllm.model_executor.parameter import BasevLLMParameter
+    except ImportError:
+        return None
+    return BasevLLMParameter  # type: ignore[no-any-return]
+
+
+def plain_vision_parameters(model: Any, base: type | None = None) -> int:
+    """Swap the vision tower's vLLM parameters (``BasevLLMParameter``: CLIP-L's / the projector's
+    parallel linears) for plain ``torch.nn.Parameter`` objects over the same storage. vLLM's class
+    overrides ``__torch_function__`` in Python, so every op that touches such a weight (each
+    linear, and each ``.shape``/``.dtype`` read) detours through the interpreter; the LLM runs
+    compiled, but the vision encoder runs eagerly in the engine core's step, where that detour was
+    the largest single self-time entry: 10-13% of the engine core's busy host time in the first
+    25 s of a run (GPU session 13, ``RUNNER_STACK_SAMPLE_CORE``). Called once weights are loaded
+    (the loaders need the vLLM classes' ``weight_loader``); values are untouched.
+    ``RUNNER_PLAIN_VISION_PARAMS=0`` keeps vLLM's parameters. Returns how many were swapped."""
+    if os.environ.get("RUNNER_PLAIN_VISION_PARAMS", "1") == "0":
+        return 0
+    base = base or _vllm_parameter_class()
+    if base is None:
+        return 0
+    n = 0
+    for attr in VISION_MODULES:
+        root = getattr(model, attr, None)
+        if not isinstance(root, torch.nn.Module):
+            continue
+        for mod in root.modules():
+            for name, p in list(mod._parameters.items()):
+                if p is not None and isinstance(p, base):
+                    mod._parameters[name] = torch.nn.Parameter(p.data, requires_grad=p.requires_grad)
+                    n += 1
+    return n
+
+
 class _BatchedEncoderMixin:
     """Shared driver; model-specific: ``_encode_views``, ``_finish_global``, ``_finish_local``."""
 
@@ -201,6 +240,11 @@ class _BatchedEncoderMixin:
         """Upstream's, on the views normalised here (``pixels_to_model_dtype``: our requests carry
         uint8 pixels), once per run of images whose tensors stack (``uniform_groups``); with
         ``RUNNER_MEMORY_TRACE=1`` each call's memory is logged (``_traced``)."""
+        if not getattr(self, "_runner_params_plain", False):  # the first call: weights are loaded
+            self._runner_params_plain = True
+            n = plain_vision_parameters(self)
+            if n:
+                log.info("vision tower: %d vLLM parameter(s) now plain torch parameters (same storage)", n)
         kwargs = pixels_to_model_dtype(kwargs, self.view_seperator.dtype)
         if os.environ.get("RUNNER_MEMORY_TRACE") == "1" and torch.cuda.is_available():
             return _traced(self._embed_groups, kwargs)

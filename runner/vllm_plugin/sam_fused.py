@@ -408,8 +408,7 @@ def fused_block_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     b, hs, ws, _ = x.shape
     kname = sa.kernel_for(x)
     qkv = attn.qkv(self.norm1(x))
-    rh = sa.get_rel_pos(window[0], window[0], attn.rel_pos_h)
-    rw = sa.get_rel_pos(window[1], window[1], attn.rel_pos_w)
+    rh, rw = sa.rel_pos_tables(attn, window[0], window[1])
     qa, ka, va = widen(qkv, attn.qkv.bias, rh, rw, nh, window, attn.scale, kname)
     o = sa.attend(qa, ka, va, attn.scale, kname)
     x = x + attn.proj(unwiden(o, (b, hs, ws), nh, d, window))
