@@ -101,10 +101,18 @@ def start_from_env() -> threading.Thread | None:
     spec = _spec()
     if spec is None:
         return None
-    if os.environ.get("RUNNER_STACK_SAMPLE_CORE") == "1":
-        with open(trigger_path(os.getpid()), "w"):
+    trigger = trigger_path(os.getpid()) if os.environ.get("RUNNER_STACK_SAMPLE_CORE") == "1" else None
+    if trigger:
+        with open(trigger, "w"):
             pass
-    t = threading.Thread(target=_sample_and_log, args=(*spec, log, "", 15), name="stack-sampler", daemon=True)
+
+    def run() -> None:
+        _sample_and_log(*spec, log, "", 15)
+        if trigger:  # no engine core took it (an engine without one): leave nothing in /tmp
+            with contextlib.suppress(OSError):
+                os.unlink(trigger)
+
+    t = threading.Thread(target=run, name="stack-sampler", daemon=True)
     t.start()
     return t
 

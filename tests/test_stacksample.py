@@ -97,3 +97,13 @@ def test_the_core_sampler_is_off_without_its_switch(monkeypatch: pytest.MonkeyPa
     assert t is not None
     t.join(timeout=5)
     assert not os.path.exists(stacksample.trigger_path(os.getpid()))
+
+
+def test_a_trigger_no_engine_core_takes_is_removed_after_the_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNNER_STACK_SAMPLE", "0.2:2")
+    monkeypatch.setenv("RUNNER_STACK_SAMPLE_CORE", "1")
+    t = stacksample.start_from_env()
+    assert t is not None
+    assert os.path.exists(stacksample.trigger_path(os.getpid()))  # there for a child to find
+    t.join(timeout=5)
+    assert not os.path.exists(stacksample.trigger_path(os.getpid()))
